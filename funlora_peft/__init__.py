@@ -1,0 +1,26 @@
+"""funlora-peft: FunLoRA (functional rank-1 adapters) for continual class-conditional generation.
+
+Importing the package registers FunLoRA with PEFT under the peft type "FUNLORA", so that `get_peft_model`,
+`PeftModel.from_pretrained`, `PeftConfig.from_pretrained`, `save_pretrained` and `load_adapter` work with it.
+"""
+
+from .config import PEFT_TYPE, FunLoRAConfig
+from .functions import FUNCTIONS, get_function
+from .layer import FunLoRALayer
+from .model import FunLoRAModel, check_adapter_state_dict
+from .registration import register_funlora
+
+register_funlora()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FUNCTIONS",
+    "PEFT_TYPE",
+    "FunLoRAConfig",
+    "FunLoRALayer",
+    "FunLoRAModel",
+    "check_adapter_state_dict",
+    "get_function",
+    "register_funlora",
+]

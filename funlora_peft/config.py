@@ -1,0 +1,147 @@
+"""Configuration of a FunLoRA adapter: one adapter per task, holding the classes of that task."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from .functions import FUNCTIONS, get_function
+
+PEFT_TYPE = "FUNLORA"
+
+
+@dataclass
+class FunLoRAConfig(PeftConfig):
+    """Configuration of a FunLoRA adapter (one per task).
+
+    Every adapted `nn.Conv2d` with frozen weight `W0` of shape `(out_channels, in_channels, s, s)` gets, for each
+    class `y` of `class_ids`, a rank-1 pair `a_y` (out_channels), `b_y` (in_channels), mixing weights `alpha_y` (p)
+    and, for `cos`, frequencies `omega_y` (p). They define the functional matrix and the class's weight
+
+        F_y = (1/p) * sum_{i=1..p} alpha_{y,i} * f_i(a_y, b_y)          (out_channels, in_channels)
+        W_y = W0 * (1 + F_y)[:, :, None, None]                           (bias unchanged)
+
+    `alpha` starts at 0, so a new adapter is exactly the identity.
+
+    Example:
+
+        ```py
+        >>> import funlora_peft
+        >>> from funlora_peft import FunLoRAConfig
+        >>> from peft import get_peft_model
+        >>> config = FunLoRAConfig(class_ids=[0, 1], function="cos", num_functions=10)
+        >>> model = get_peft_model(unet, config, adapter_name="task_0")
+        >>> velocity = model(x_t, timestep, class_labels=torch.tensor([0, 1, 1, 0])).sample
+        ```
+    """
+
+    class_ids: list[int] = field(
+        default=None,
+        metadata={
+            "help": "Global class ids this adapter (task) owns; one row of adapter tensors per class. Required; "
+            "distinct non-negative integers, disjoint from the class ids of the other adapters of the model."
+        },
+    )
+    function: str = field(
+        default="cos",
+        metadata={"help": f"Function family f_i raising the rank of F_y: one of {sorted(FUNCTIONS)}."},
+    )
+    num_functions: int = field(
+        default=10,
+        metadata={"help": "Number p of functions mixed in F_y (1 for `linear`)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the nn.Conv2d modules to adapt, as in PEFT: a list of names or name suffixes, or a "
+            "regex matched against the full module name. Default: every nn.Conv2d of the model."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Names (list or regex) of modules never to adapt, as in PEFT."},
+    )
+    init_a_std: float = field(
+        default=1.0,
+        metadata={"help": "Standard deviation of the normal initialisation of a_y (out_channels)."},
+    )
+    init_b_std: float = field(
+        default=1.0,
+        metadata={"help": "Standard deviation of the normal initialisation of b_y (in_channels)."},
+    )
+    init_omega: float = field(
+        default=1.0,
+        metadata={"help": "For `cos`: frequencies start at omega_i = init_omega * i, i = 1..p."},
+    )
+    init_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Initial value of every alpha_i. 0 (default) makes a new adapter exactly the identity."},
+    )
+    init_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the adapter's own random initialisation, so that its init does not depend on the global "
+            "RNG state. None uses the global RNG."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.class_ids is None:
+            raise ValueError(
+                "`class_ids` is required: pass the global class ids this adapter (task) owns, e.g. "
+                "FunLoRAConfig(class_ids=[0, 1])."
+            )
+        if isinstance(self.class_ids, int) or not hasattr(self.class_ids, "__iter__"):
+            raise TypeError(f"`class_ids` must be a list of ints, got {self.class_ids!r}; e.g. class_ids=[0, 1].")
+        class_ids = list(self.class_ids)
+        if not class_ids:
+            raise ValueError("`class_ids` is empty: an adapter must own at least one class, e.g. class_ids=[0].")
+        bad = [c for c in class_ids if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+        if bad:
+            raise ValueError(
+                f"`class_ids` must hold non-negative ints, got {bad!r} in {class_ids!r}; pass integer class ids."
+            )
+        duplicates = sorted({c for c in class_ids if class_ids.count(c) > 1})
+        if duplicates:
+            raise ValueError(
+                f"`class_ids` must be distinct, but {duplicates} appear more than once in {class_ids!r}; "
+                "list each class once."
+            )
+        self.class_ids = [int(c) for c in class_ids]
+
+        get_function(self.function)  # raises with the list of valid names
+        if isinstance(self.num_functions, bool) or not isinstance(self.num_functions, int):
+            raise TypeError(f"`num_functions` must be an int, got {self.num_functions!r}.")
+        if self.num_functions < 1:
+            raise ValueError(f"`num_functions` must be >= 1, got {self.num_functions}; use e.g. num_functions=10.")
+        if self.function == "linear" and self.num_functions != 1:
+            raise ValueError(
+                f"function='linear' is a single rank-1 term, so `num_functions` must be 1, got "
+                f"{self.num_functions}; pass num_functions=1 or choose 'cos', 'rshift' or 'power'."
+            )
+        for name in ("init_a_std", "init_b_std"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(
+                    f"`{name}` must be > 0, got {value}: with a zero factor alpha gets no gradient and the adapter "
+                    "never trains."
+                )
+        if self.function == "power" and max(self.init_a_std, self.init_b_std) > 3:
+            warnings.warn(
+                f"function='power' with init_a_std={self.init_a_std}, init_b_std={self.init_b_std}: the factors pass "
+                "through tanh, which saturates for large values and slows training; stds near 1 work best.",
+                stacklevel=2,
+            )
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.task_type is not None:
+            raise ValueError(
+                f"`task_type` must be None for FunLoRA (it adapts image models, not PEFT's text tasks), got "
+                f"{self.task_type!r}."
+            )

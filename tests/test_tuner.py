@@ -1,0 +1,532 @@
+"""The FunLoRA tuner on tiny UNet2DModels: one matrix over UNet configs x function families."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import UNET_CONFIGS, make_inputs, make_unet
+from diffusers import UNet2DModel
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import funlora_peft
+from funlora_peft import FunLoRAConfig, FunLoRALayer
+
+FAMILIES = {"cos": 10, "rshift": 10, "power": 10, "linear": 1}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def function(request):
+    return request.param
+
+
+def two_task_model(unet_name: str, function: str, seed: int = 0):
+    """A PeftModel with task_0 (classes 0, 1) and task_1 (classes 2, 3, 5), random non-identity adapters."""
+    unet = make_unet(unet_name, seed=seed)
+    p = FAMILIES[function]
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=[0, 1], function=function, num_functions=p), "task_0")
+    model.add_adapter("task_1", FunLoRAConfig(class_ids=[2, 3, 5], function=function, num_functions=p))
+    randomize_adapters(model, seed=seed + 1)
+    return model
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.5, omega: bool = True) -> None:
+    """Give every adapter random alpha (and, if `omega`, random omega), so that no adapter is the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".funlora_alpha." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif omega and ".funlora_omega." in name:
+                param.copy_(torch.rand(param.shape, generator=generator) * 3)
+
+
+def funlora_layers(model):
+    return [m for m in model.modules() if isinstance(m, FunLoRALayer)]
+
+
+def backbone_state(model):
+    """Clones of the base model's own tensors (no adapter tensors)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "funlora_" not in k}
+
+
+MIXED = torch.tensor([0, 3, 2, 1, 5, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. identity at init
+
+
+def test_identity_at_init(unet_name, function):
+    # Frozen like the backbone inside the PeftModel: on CPU, torch takes another (numerically different in the last
+    # bit) Linear kernel when the weights do not require grad.
+    unet = make_unet(unet_name).requires_grad_(False)
+    x_t, t = make_inputs(unet, batch_size=6)
+    with torch.no_grad():
+        base = unet(x_t, t).sample
+    p = FAMILIES[function]
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=[0, 1], function=function, num_functions=p), "task_0")
+    model.add_adapter("task_1", FunLoRAConfig(class_ids=[2, 3, 5], function=function, num_functions=p))
+    with torch.no_grad():
+        mixed = model(x_t, t, class_labels=MIXED).sample
+        single = model(x_t, t, class_labels=torch.full((6,), 3)).sample
+    # One class: W_y = W0 * (1 + 0) = W0 exactly, the same convolution as the base UNet.
+    assert torch.equal(single, base)
+    # Mixed: the same weights, but each class's samples go through their own (smaller) convolution.
+    torch.testing.assert_close(mixed, base, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. mixed batches: per-sample routing equals single-class batches and the merged plain UNet
+
+
+def test_mixed_batch_matches_single_class_and_merged(unet_name, function):
+    model = two_task_model(unet_name, function)
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    with torch.no_grad():
+        mixed = model(x_t, t, class_labels=MIXED).sample
+        with model.disable_adapter():
+            base = model(x_t, t).sample
+    assert (mixed - base).abs().max() > 1e-3, "random adapters must change the output"
+    for class_id in MIXED.unique().tolist():
+        idx = (MIXED == class_id).nonzero().flatten()
+        with torch.no_grad():
+            alone = model(x_t[idx], t[idx], class_labels=MIXED[idx]).sample
+        torch.testing.assert_close(mixed[idx], alone, rtol=1e-5, atol=1e-5)
+
+    for class_id in [0, 5]:
+        idx = (MIXED == class_id).nonzero().flatten()
+        model_copy = two_task_model(unet_name, function)
+        plain = model_copy.merge_and_unload(class_label=class_id)
+        assert type(plain) is UNet2DModel
+        assert not funlora_layers(plain)
+        with torch.no_grad():
+            merged_out = plain(x_t[idx], t[idx]).sample
+        torch.testing.assert_close(mixed[idx], merged_out, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_can_be_int_list_or_positional(unet_name):
+    model = two_task_model(unet_name, "rshift")
+    x_t, t = make_inputs(model.base_model.model, batch_size=3)
+    with torch.no_grad():
+        ref = model(x_t, t, class_labels=torch.tensor([2, 2, 2])).sample
+        assert torch.equal(model(x_t, t, class_labels=2).sample, ref)
+        assert torch.equal(model(x_t, t, class_labels=[2, 2, 2]).sample, ref)
+        assert torch.equal(model.base_model.model(x_t, t, torch.tensor([2, 2, 2])).sample, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. no forgetting
+
+
+def test_training_new_task_leaves_old_classes_bit_identical(unet_name, function):
+    model = two_task_model(unet_name, function)
+    model.set_adapter("task_1")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".task_1" in n for n in trainable)
+    unet = model.base_model.model
+    x_t, t = make_inputs(unet, batch_size=6)
+    old = torch.tensor([0, 1, 1, 0, 0, 1])
+    with torch.no_grad():
+        before = model(x_t, t, class_labels=old).sample
+        before_new = model(x_t, t, class_labels=torch.tensor([2, 3, 5, 2, 3, 5])).sample
+    backbone = backbone_state(model)
+    old_adapter = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".task_0")}
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        labels = torch.tensor([0, 2, 3, 1, 5, 2])  # mixes old and new classes
+        loss = (model(x_t, t, class_labels=labels).sample - 1.0).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x_t, t, class_labels=old).sample
+        after_new = model(x_t, t, class_labels=torch.tensor([2, 3, 5, 2, 3, 5])).sample
+    assert torch.equal(before, after)
+    assert not torch.equal(before_new, after_new), "the new task must have trained"
+    for k, v in backbone_state(model).items():
+        assert torch.equal(v, backbone[k]), k
+    for k, v in old_adapter.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. ranks of F_y
+
+
+def _rank(matrix: torch.Tensor) -> int:
+    s = torch.linalg.svdvals(matrix.double())
+    return int((s > 1e-6 * s[0]).sum())
+
+
+@pytest.mark.parametrize("function", sorted(FAMILIES))
+def test_rank_of_functional_matrix(function):
+    p = FAMILIES[function]
+    unet = make_unet("attn")
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=list(range(8)), function=function, num_functions=p), "t0")
+    # random a, b ~ N(0, 1) and alpha; omega as initialised (omega_i = i)
+    randomize_adapters(model, seed=3, scale=1.0, omega=False)
+    layers = [m for m in funlora_layers(model) if min(m.in_channels, m.out_channels) >= 16]
+    assert layers
+    for layer in layers:
+        ranks = [_rank(F) for F in layer.functional_matrix("t0")]
+        if function == "rshift":
+            assert ranks == [p] * 8
+        elif function == "power":
+            assert max(ranks) <= p and min(ranks) >= 2
+        elif function == "linear":
+            assert ranks == [1] * 8
+        elif min(layer.in_channels, layer.out_channels) >= 32:  # cos: more than p
+            assert min(ranks) > p, ranks
+        else:  # cos on 16-channel layers: rank is capped by 16 and lands around 9 to 15, still above power's
+            assert max(ranks) > p and min(ranks) >= p - 2, ranks
+
+
+def test_functional_matrix_closed_form():
+    """F_y recomputed entry by entry from the definitions of method.md §3."""
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 5), torch.randn(1, 4)
+    alpha, omega = torch.randn(1, 3), torch.rand(1, 3) * 2
+    p = 3
+    expected = {
+        "cos": sum(alpha[0, i] * torch.cos(omega[0, i] * torch.outer(a[0], b[0])) for i in range(p)) / p,
+        "rshift": sum(alpha[0, i] * torch.outer(a[0].roll(i), b[0].roll(i)) for i in range(p)) / p,
+        "power": sum(alpha[0, i] * torch.outer(a[0].tanh(), b[0].tanh()) ** (i + 1) for i in range(p)) / p,
+    }
+    for name, value in expected.items():
+        got = funlora_peft.get_function(name).compute(a, b, alpha, omega)[0]
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+    got = funlora_peft.get_function("linear").compute(a, b, alpha[:, :1])[0]
+    torch.testing.assert_close(got, alpha[0, 0] * torch.outer(a[0], b[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. merge / unmerge / disable
+
+
+def test_merge_unmerge_restores_weights_and_disable_gives_base(unet_name, function):
+    model = two_task_model(unet_name, function)
+    unet = model.base_model.model
+    x_t, t = make_inputs(unet, batch_size=4)
+    weights = {k: v.clone() for k, v in unet.state_dict().items() if "funlora_" not in k}
+    with torch.no_grad():
+        routed = model(x_t, t, class_labels=3).sample
+        model.base_model.merge_adapter(class_label=3)
+        assert any(not torch.equal(unet.state_dict()[k], v) for k, v in weights.items())
+        merged = model(x_t, t, class_labels=3).sample
+        with pytest.raises(ValueError, match="unmerge_adapter"):
+            model(x_t, t, class_labels=torch.tensor([3, 0, 3, 3]))
+        model.base_model.unmerge_adapter()
+    torch.testing.assert_close(merged, routed, rtol=1e-5, atol=1e-5)
+    for k, v in unet.state_dict().items():
+        if "funlora_" not in k:
+            assert torch.equal(v, weights[k]), k
+
+    plain = make_unet(unet_name).requires_grad_(False)
+    with torch.no_grad():
+        expected = plain(x_t, t).sample
+        with model.disable_adapter():
+            assert torch.equal(model(x_t, t).sample, expected)
+            assert torch.equal(model(x_t, t, class_labels=0).sample, expected)
+
+
+def test_unload_returns_untouched_base(unet_name):
+    model = two_task_model(unet_name, "cos")
+    x_t, t = make_inputs(model.base_model.model, batch_size=2)
+    unet = model.unload()
+    assert not funlora_layers(unet)
+    with torch.no_grad():
+        assert torch.equal(unet(x_t, t).sample, make_unet(unet_name).requires_grad_(False)(x_t, t).sample)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. save / load in a fresh process
+
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import funlora_peft
+    from conftest import make_unet, make_inputs
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import save_file
+    config = PeftConfig.from_pretrained({task0!r})
+    assert type(config).__name__ == "FunLoRAConfig", type(config)
+    unet = make_unet({unet_name!r})
+    m = PeftModel.from_pretrained(unet, {task0!r}, adapter_name="task_0")
+    m.load_adapter({task1!r}, adapter_name="task_1")
+    x_t, t = make_inputs(unet, batch_size=6)
+    with torch.no_grad():
+        out = m(x_t, t, class_labels=torch.tensor([0, 3, 2, 1, 5, 0])).sample
+    save_file({{"out": out}}, {result!r})
+    """
+)
+
+
+def test_save_load_fresh_process(unet_name, function, tmp_path):
+    model = two_task_model(unet_name, function)
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    with torch.no_grad():
+        expected = model(x_t, t, class_labels=MIXED).sample
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert "task_0/adapter_model.safetensors" in written and "task_1/adapter_model.safetensors" in written
+    assert not [w for w in written if w.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    saved = json.loads((tmp_path / "task_1" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "FUNLORA" and saved["class_ids"] == [2, 3, 5] and saved["function"] == function
+
+    result = tmp_path / "out.safetensors"
+    script = LOAD_SCRIPT.format(
+        tests=os.path.dirname(__file__),
+        task0=str(tmp_path / "task_0"),
+        task1=str(tmp_path / "task_1"),
+        unet_name=unet_name,
+        result=str(result),
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(load_file(result)["out"], expected)
+
+
+def test_peft_config_from_pretrained_returns_funlora_config(tmp_path):
+    model = two_task_model("attn", "power")
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    config = PeftConfig.from_pretrained(tmp_path / "task_0")
+    assert isinstance(config, FunLoRAConfig)
+    assert config.class_ids == [0, 1] and config.function == "power" and config.num_functions == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_same_gradients(unet_name):
+    grads = []
+    for checkpointing in (False, True):
+        model = two_task_model(unet_name, "cos")
+        model.set_adapter("task_1")
+        unet = model.base_model.model
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        model.train()
+        x_t, t = make_inputs(unet, batch_size=6)
+        loss = model(x_t, t, class_labels=torch.tensor([2, 3, 5, 0, 1, 2])).sample.pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. dtype and device
+
+
+def test_bf16_autocast_and_fp32_adapters(unet_name):
+    model = two_task_model(unet_name, "cos")
+    model.set_adapter("task_1")
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x_t, t, class_labels=MIXED).sample
+    assert torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    adapter_params = [(n, p) for n, p in model.named_parameters() if "funlora_" in n]
+    assert all(p.dtype == torch.float32 for _, p in adapter_params)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in adapter_params if ".task_1" in n)
+
+
+def test_bf16_base_keeps_fp32_adapters(unet_name):
+    unet = make_unet(unet_name).to(torch.bfloat16)
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=[0, 1], function="rshift"), "task_0")
+    randomize_adapters(model)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "funlora_" in n)
+    x_t, t = make_inputs(unet, batch_size=2)
+    with torch.no_grad():
+        out = model(x_t.bfloat16(), t, class_labels=torch.tensor([0, 1])).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_adapters_follow_to(unet_name):
+    model = two_task_model(unet_name, "cos")
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if "funlora_" in n)
+    model.to("meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numerics: every family stays finite and trains for a few hundred steps at adapter learning rates
+
+
+@pytest.mark.parametrize("function", sorted(FAMILIES))
+def test_families_stay_finite_for_hundreds_of_steps(function):
+    unet = make_unet("attn")
+    model = get_peft_model(
+        unet, FunLoRAConfig(class_ids=[0, 1], function=function, num_functions=FAMILIES[function]), "task_0"
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 8, 8, generator=generator)
+    t = torch.rand(4, generator=generator) * 1000
+    labels = torch.tensor([0, 1, 0, 1])
+    target = torch.randn(4, 1, 8, 8, generator=generator) * 2
+    losses = []
+    model.train()
+    for _ in range(300):
+        loss = (model(x_t, t, class_labels=labels).sample - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(map(lambda v: v == v and v < float("inf"), losses))
+    assert losses[-1] < 0.9 * losses[0], (losses[0], losses[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error, nothing changed
+
+
+def test_unknown_label_lists_known_ids():
+    model = two_task_model("attn", "rshift")
+    x_t, t = make_inputs(model.base_model.model, batch_size=2)
+    with pytest.raises(ValueError, match=r"\[7\].*Known class ids: \[0, 1, 2, 3, 5\]"):
+        model(x_t, t, class_labels=torch.tensor([0, 7]))
+
+
+def test_class_claimed_twice_is_refused_and_model_unchanged():
+    model = two_task_model("attn", "rshift")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\[3\] are already owned by adapter 'task_1'"):
+        model.add_adapter("task_2", FunLoRAConfig(class_ids=[3, 4], function="rshift"))
+    assert list(model.peft_config) == ["task_0", "task_1"]
+    assert model.state_dict().keys() == state.keys()
+
+
+def test_missing_labels_says_how_to_get_base_output():
+    model = two_task_model("attn", "rshift")
+    x_t, t = make_inputs(model.base_model.model, batch_size=2)
+    with pytest.raises(ValueError, match=r"`class_labels` is missing.*disable_adapter"):
+        model(x_t, t)
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (torch.tensor([0.0, 1.0]), TypeError, "integer class ids, got dtype torch.float32"),
+        (torch.tensor([[0], [1]]), ValueError, r"shape \(2,\).*got \(2, 1\)"),
+        (torch.tensor([0, 1, 1]), ValueError, r"shape \(2,\).*got \(3,\)"),
+        ("0", TypeError, "tensor of shape"),
+        ([0.5, 1], TypeError, "integer class ids"),
+    ],
+)
+def test_bad_label_shape_or_dtype(labels, error, match):
+    model = two_task_model("attn", "rshift")
+    x_t, t = make_inputs(model.base_model.model, batch_size=2)
+    with pytest.raises(error, match=match):
+        model(x_t, t, class_labels=labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(class_ids=[0], function="sine"), ValueError, r"Unknown `function` 'sine'.*\['cos', 'linear', 'power'"),
+        (dict(class_ids=[0], num_functions=0), ValueError, "`num_functions` must be >= 1, got 0"),
+        (dict(class_ids=[0], function="linear", num_functions=10), ValueError, "must be 1, got 10"),
+        (dict(class_ids=[0, 0]), ValueError, r"distinct, but \[0\]"),
+        (dict(class_ids=[-1]), ValueError, "non-negative"),
+        (dict(), ValueError, "`class_ids` is required"),
+        (dict(class_ids=[0], init_a_std=0.0), ValueError, "`init_a_std` must be > 0"),
+    ],
+)
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FunLoRAConfig(**kwargs)
+
+
+def test_target_modules_matching_no_conv():
+    unet = make_unet("attn")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"matches no nn.Conv2d.*convs are named e.g."):
+        get_peft_model(unet, FunLoRAConfig(class_ids=[0], target_modules=["not_a_layer"]), "task_0")
+    with pytest.raises(ValueError, match=r"not nn.Conv2d: \['time_embedding.linear_1'\]"):
+        get_peft_model(unet, FunLoRAConfig(class_ids=[0], target_modules=["time_embedding.linear_1", "conv_in"]))
+    assert not funlora_layers(unet)
+    assert unet.state_dict().keys() == before.keys()
+
+
+def test_target_and_exclude_modules():
+    unet = make_unet("shortcut")
+    config = FunLoRAConfig(class_ids=[0], target_modules=r".*resnets\.\d+\.conv\d", exclude_modules=["conv2"])
+    model = get_peft_model(unet, config, "task_0")
+    names = [n for n, m in model.base_model.model.named_modules() if isinstance(m, FunLoRALayer)]
+    assert names and all(n.endswith("conv1") for n in names)
+
+
+def test_default_targets_every_conv():
+    unet = make_unet("shortcut")
+    convs = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=[0, 1]), "task_0")
+    adapted = [n for n, m in model.base_model.model.named_modules() if isinstance(m, FunLoRALayer)]
+    assert adapted == convs
+    assert any(n.endswith("conv_shortcut") for n in adapted)
+
+
+def _save_adapter(tmp_path, unet_name, class_ids=(0, 1), name="task_0"):
+    model = get_peft_model(make_unet(unet_name), FunLoRAConfig(class_ids=list(class_ids), function="cos"), name)
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "src", save_embedding_layers=False)
+    return tmp_path / "src" / name if name != "default" else tmp_path / "src"
+
+
+def test_loading_adapter_for_differently_shaped_unet_is_refused(tmp_path):
+    # Same module names, other widths: the attn UNet with 24/48 channels.
+    path = _save_adapter(tmp_path, "attn")
+    wide = dict(UNET_CONFIGS["attn"], block_out_channels=(24, 48))
+    torch.manual_seed(0)
+    unet = UNet2DModel(**wide)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 'conv_in': tensor funlora_a has shape \(\d+, 16\).*\(\d+, 24\)"):
+        PeftModel.from_pretrained(unet, path, adapter_name="task_0")
+    assert not funlora_layers(unet) and not hasattr(unet, "peft_config")
+    assert unet.state_dict().keys() == before.keys()
+
+    # load_adapter into an existing model: the failed adapter is gone, the others untouched.
+    model = get_peft_model(unet, FunLoRAConfig(class_ids=[7], function="cos"), "task_a")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="saved for a differently shaped UNet.*left as it was"):
+        model.load_adapter(path, adapter_name="task_0")
+    assert list(model.peft_config) == ["task_a"]
+    assert model.state_dict().keys() == state.keys()
+    x_t, t = make_inputs(unet, batch_size=2)
+    with torch.no_grad():
+        model(x_t, t, class_labels=7)
+
+
+def test_tampered_adapter_files_are_refused(tmp_path):
+    path = _save_adapter(tmp_path, "attn")
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("funlora_alpha"))
+    cases = {
+        "nan": ({**tensors, key: torch.full_like(tensors[key], float("nan"))}, "NaN or infinite"),
+        "renamed": (
+            {**{k: v for k, v in tensors.items() if k != key}, key.replace("conv_in", "conv_nope"): tensors[key]},
+            "does not map to a FunLoRA tensor",
+        ),
+        "missing": ({k: v for k, v in tensors.items() if k != key}, "lacks 1 tensors"),
+        "int": ({**tensors, key: tensors[key].to(torch.int64)}, "dtype torch.int64"),
+    }
+    for case, (state, match) in cases.items():
+        save_file(state, path / "adapter_model.safetensors")
+        unet = make_unet("attn")
+        with pytest.raises(ValueError, match=match):
+            PeftModel.from_pretrained(unet, path, adapter_name="task_0")
+        assert not funlora_layers(unet), case
