@@ -1,0 +1,299 @@
+"""Tests for `funlora_peft.data`: loading (digits, imagefolder), task layouts and their errors."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from funlora_peft.data import (
+    ImageClassificationData,
+    load_image_classification_data,
+    make_task_layout,
+    parse_class_order,
+    task_dataset,
+)
+
+CLASSES = ("cat", "dog", "fox")
+IMAGES_PER_CLASS = 3
+
+
+def _pixel_value(class_id: int, index: int) -> int:
+    """Intensity of a constant test image; it encodes its class so labels can be checked against pixels."""
+    return 100 * class_id + 20 * index + 5
+
+
+def _write_images(root, mode: str) -> None:
+    """One sub-folder per class of constant 12x10 images (width 12, height 10)."""
+    for class_id, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for index in range(IMAGES_PER_CLASS):
+            value = _pixel_value(class_id, index)
+            color = value if mode == "L" else (value, value, value)
+            Image.new(mode, (12, 10), color).save(root / name / f"{index}.png")
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    _write_images(root, "RGB")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_image_classification_data("digits", resolution=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# digits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_digits_split_covers_every_image_and_class(digits):
+    assert isinstance(digits, ImageClassificationData)
+    assert len(digits.train_labels) + len(digits.test_labels) == 1797
+    assert digits.class_names == [str(i) for i in range(10)]
+    assert digits.class_ids == list(range(10))
+    assert set(digits.test_labels.tolist()) == set(range(10))
+    assert digits.train_labels.dtype == digits.test_labels.dtype == torch.int64
+    # round(0.2 * n_c) of each class is held out.
+    counts = collections.Counter(digits.train_labels.tolist() + digits.test_labels.tolist())
+    test_counts = collections.Counter(digits.test_labels.tolist())
+    assert all(test_counts[c] == round(0.2 * counts[c]) for c in range(10))
+
+
+@pytest.mark.parametrize("resolution", [8, 16])
+def test_digits_shape_and_range(resolution):
+    data = load_image_classification_data(None, resolution=resolution)
+    assert data.train_images.shape == (len(data.train_labels), 1, resolution, resolution)
+    assert data.test_images.shape == (len(data.test_labels), 1, resolution, resolution)
+    assert data.num_channels == 1 and data.resolution == resolution and data.name == "digits"
+    for images in (data.train_images, data.test_images):
+        assert images.dtype == torch.float32
+        assert images.min() == -1 and images.max() == 1
+
+
+def test_digits_native_resolution_is_closed_form():
+    from sklearn.datasets import load_digits
+
+    data = load_image_classification_data("digits", resolution=8)
+    digits = load_digits()
+    expected = digits.images.astype(np.float32) / 8 - 1
+    # The split only permutes images: the multiset of (label, pixels) must be sklearn's, exactly.
+    loaded = torch.cat([data.train_images, data.test_images]).squeeze(1).numpy()
+    labels = torch.cat([data.train_labels, data.test_labels]).tolist()
+    assert collections.Counter(zip(labels, (image.tobytes() for image in loaded))) == collections.Counter(
+        zip(digits.target.tolist(), (image.tobytes() for image in expected))
+    )
+
+
+def test_digits_split_is_deterministic_and_seeded(digits):
+    again = load_image_classification_data("digits", resolution=16)
+    assert torch.equal(again.train_images, digits.train_images)
+    assert torch.equal(again.test_labels, digits.test_labels)
+    other = load_image_classification_data("digits", resolution=16, split_seed=1)
+    assert other.test_images.shape == digits.test_images.shape
+    assert not torch.equal(other.test_images, digits.test_images)
+
+
+def test_digits_three_channels_repeat_the_gray_channel():
+    data = load_image_classification_data("digits", resolution=8, num_channels=3)
+    assert data.num_channels == 3
+    assert torch.equal(data.train_images[:, 0], data.train_images[:, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# imagefolder (the real `datasets` path)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_labels_names_and_pixels(imagefolder, tmp_path):
+    data = load_image_classification_data(str(imagefolder), resolution=8, cache_dir=tmp_path)
+    assert data.class_names == list(CLASSES)
+    assert data.num_channels == 3
+    # No test split on disk: one image of each class (round(0.2 * 3) = 1) is carved off.
+    assert sorted(data.test_labels.tolist()) == [0, 1, 2]
+    assert sorted(data.train_labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert data.train_images.shape == (6, 3, 8, 8)
+    assert data.train_images.min() >= -1 and data.train_images.max() <= 1
+    # Constant images stay constant through crop + resize, at exactly v / 127.5 - 1, and match their label.
+    for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
+        for image, label in zip(images, labels.tolist()):
+            values = {_pixel_value(label, index) / 127.5 - 1 for index in range(IMAGES_PER_CLASS)}
+            assert torch.unique(image).numel() == 1
+            assert min(abs(image[0, 0, 0].item() - value) for value in values) < 1e-6
+
+
+def test_imagefolder_grayscale_with_test_split_and_native_resolution(tmp_path):
+    root = tmp_path / "gray"
+    _write_images(root / "train", "L")
+    _write_images(root / "test", "L")
+    data = load_image_classification_data(root, cache_dir=tmp_path / "cache")
+    assert data.num_channels == 1
+    # The test/ folder is used as is, and resolution=None keeps the shorter side of the images.
+    assert len(data.train_labels) == len(data.test_labels) == 3 * IMAGES_PER_CLASS
+    assert data.resolution == 10
+    assert data.test_images.shape == (9, 1, 10, 10)
+    # num_channels=3 forces RGB: three equal channels.
+    rgb = load_image_classification_data(root, resolution=4, num_channels=3, cache_dir=tmp_path / "cache")
+    assert rgb.train_images.shape == (9, 3, 4, 4)
+    assert torch.equal(rgb.train_images[:, 0], rgb.train_images[:, 1])
+
+
+def test_imagefolder_center_crop(tmp_path):
+    root = tmp_path / "crop"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir(parents=True)
+    # 12x8, white 2-pixel borders left and right: the center crop (columns 2..9) is all black.
+    array = np.zeros((8, 12), dtype=np.uint8)
+    array[:, :2] = array[:, -2:] = 255
+    for folder in ("a", "b"):
+        for index in range(2):
+            Image.fromarray(array, mode="L").save(root / folder / f"{index}.png")
+    cropped = load_image_classification_data(root, resolution=8, cache_dir=tmp_path / "cache")
+    assert torch.all(cropped.train_images == -1)
+    squeezed = load_image_classification_data(root, resolution=8, center_crop=False, cache_dir=tmp_path / "cache")
+    assert squeezed.train_images.max() > 0
+
+
+def test_imagefolder_string_label_column_from_metadata(tmp_path):
+    # A label column without a ClassLabel feature (as on many Hub datasets): strings are numbered in sorted order.
+    root = tmp_path / "meta"
+    root.mkdir()
+    species = ["zebra", "ant", "moth"] * 2
+    lines = ["file_name,species"]
+    for index, name in enumerate(species):
+        Image.new("L", (6, 6), 40 * index).save(root / f"{index}.png")
+        lines.append(f"{index}.png,{name}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    data = load_image_classification_data(root, label_column="species", cache_dir=tmp_path / "cache")
+    assert data.class_names == ["ant", "moth", "zebra"]
+    labels = torch.cat([data.train_labels, data.test_labels])
+    images = torch.cat([data.train_images, data.test_images])
+    # Image `index` has intensity 40 * index and species[index]: pixels and labels stay paired.
+    for image, label in zip(images, labels.tolist()):
+        index = round((image[0, 0, 0].item() + 1) * 127.5 / 40)
+        assert data.class_names[label] == species[index]
+
+
+def test_unknown_columns_list_the_available_ones(imagefolder, tmp_path):
+    with pytest.raises(ValueError, match=r"label_column='fine_label'.*available columns: \['image', 'label'\]"):
+        load_image_classification_data(imagefolder, label_column="fine_label", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"image_column='img'.*available columns: \['image', 'label'\]"):
+        load_image_classification_data(imagefolder, image_column="img", cache_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"image_column='label'.*not images; image columns: \['image'\]"):
+        load_image_classification_data(imagefolder, image_column="label", cache_dir=tmp_path)
+
+
+def test_unknown_train_split(imagefolder, tmp_path):
+    with pytest.raises(ValueError, match=r"train_split='training'; available splits: \['train'\]"):
+        load_image_classification_data(imagefolder, train_split="training", cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"no split test_split='validation' \(available: \['train'\]\); holding out"):
+        data = load_image_classification_data(imagefolder, test_split="validation", cache_dir=tmp_path)
+    assert len(data.test_labels) == len(CLASSES)
+
+
+def test_unknown_dataset_name_is_a_clear_error(tmp_path):
+    # conftest.py sets HF_HUB_OFFLINE=1, so `datasets` fails fast with its own ConnectionError.
+    with pytest.raises(
+        ValueError,
+        match=r"'funlora-test/no-such-dataset' could not be found locally or on the Hugging Face Hub.*imagefolder",
+    ):
+        load_image_classification_data("funlora-test/no-such-dataset", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="looks like a local path but is not an existing directory"):
+        load_image_classification_data(str(tmp_path / "missing"), cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(resolution=0), ValueError, "resolution must be >= 1, got resolution=0"),
+        (dict(resolution=8.0), TypeError, "resolution must be an integer"),
+        (dict(num_channels=2), ValueError, "num_channels must be 1 .* got num_channels=2"),
+        (dict(test_fraction=1.0), ValueError, "test_fraction must be a number strictly between 0 and 1"),
+        (dict(dataset_name=3), TypeError, "dataset_name must be"),
+    ],
+)
+def test_bad_loader_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load_image_classification_data(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task layout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_task_layout_equal_tasks_and_first_task():
+    assert make_task_layout(range(10), classes_per_task=2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert make_task_layout(range(10), classes_per_task=2, first_task_classes=4) == [
+        [0, 1, 2, 3],
+        [4, 5],
+        [6, 7],
+        [8, 9],
+    ]
+    # Class ids are sorted whatever order they come in; CIFAR-100 "20-20" is 5 tasks of 20.
+    assert make_task_layout([3, 1, 2, 0], classes_per_task=4) == [[0, 1, 2, 3]]
+    assert [len(task) for task in make_task_layout(range(100), classes_per_task=20)] == [20] * 5
+
+
+def test_task_layout_shuffle_is_seeded():
+    first = make_task_layout(range(10), classes_per_task=5, class_order="shuffle", seed=0)
+    assert first == make_task_layout(torch.arange(10), classes_per_task=5, class_order="shuffle", seed=0)
+    assert sorted(sum(first, [])) == list(range(10))
+    assert sum(first, []) != list(range(10))
+    assert first != make_task_layout(range(10), classes_per_task=5, class_order="shuffle", seed=1)
+
+
+def test_task_layout_explicit_order():
+    order = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert make_task_layout(range(10), classes_per_task=5, class_order=order) == [order[:5], order[5:]]
+    assert make_task_layout(range(10), classes_per_task=5, class_order="9,8,7,6,5, 4,3,2,1,0") == [
+        order[:5],
+        order[5:],
+    ]
+    assert parse_class_order("sorted") is None and parse_class_order("shuffle") == "shuffle"
+    with pytest.warns(UserWarning, match=r"classes \[0, 1\] are left out"):
+        tasks = make_task_layout(range(4), classes_per_task=1, class_order=[3, 2])
+    assert tasks == [[3], [2]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(classes_per_task=2, class_order=[0, 1, 10, 11]), r"class ids \[10, 11\] that the data lacks; available"),
+        (dict(classes_per_task=2, class_order="0,1,1,2"), r"class ids \[1\] more than once"),
+        (dict(classes_per_task=3), r"Valid classes_per_task: \[1, 2, 5, 10\]; .* first_task_classes to one of"),
+        (dict(classes_per_task=4, first_task_classes=4), r"remaining 6 .* Valid classes_per_task: \[1, 2, 3, 6\]"),
+        (dict(classes_per_task=2, first_task_classes=11), r"first_task_classes=11 exceeds the 10 classes"),
+        (dict(classes_per_task=0), r"classes_per_task must be >= 1, got classes_per_task=0"),
+        (dict(classes_per_task=2, class_order="random"), r"class_order='random' is neither one of"),
+    ],
+)
+def test_task_layout_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_task_layout(range(10), **kwargs)
+
+
+def test_task_layout_type_errors():
+    with pytest.raises(TypeError, match="classes_per_task must be an integer"):
+        make_task_layout(range(10), classes_per_task=2.5)
+    with pytest.raises(TypeError, match="class_order must contain integer class ids"):
+        make_task_layout(range(10), classes_per_task=2, class_order=[0.5])
+
+
+def test_task_dataset(digits):
+    tasks = make_task_layout(digits.class_ids, classes_per_task=2)
+    train = task_dataset(digits, tasks[1])
+    test = task_dataset(digits, sum(tasks[:2], []), split="test")
+    image, label = train[0]
+    assert image.shape == (1, 16, 16) and label.dtype == torch.int64
+    assert set(train.tensors[1].tolist()) == {2, 3}
+    assert len(train) == int(torch.isin(digits.train_labels, torch.tensor([2, 3])).sum())
+    assert set(test.tensors[1].tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match=r"class_ids \[10\] are not classes of 'digits'; available class ids"):
+        task_dataset(digits, [1, 10])
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got split='val'"):
+        task_dataset(digits, [1], split="val")
