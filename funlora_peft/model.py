@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -276,36 +275,40 @@ class FunLoRAModel(BaseTuner):
 def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> str | None:
     """The first reason `state_dict` cannot be loaded as `adapter_name` into `model`, or None when it fits.
 
+    Keys may be as saved (`base_model.model.<conv>.funlora_a`) or as in the model (with the adapter name appended).
     Checks that every tensor maps to a FunLoRA tensor of an existing conv, that every such tensor is present, that
     shapes match, and that values are floating point and finite.
     """
+    prefix, suffix = "base_model.model.", f".{adapter_name}"
+    layer_parts = tuple(f".{p}." for p in FunLoRALayer.adapter_layer_names)
+
+    def checkpoint_key(key: str) -> str:
+        key = key.removesuffix(suffix) if key.rsplit(".", 1)[-1] == adapter_name else key
+        return key if key.startswith(prefix) else prefix + key
+
     expected = {
-        name: param
+        checkpoint_key(name): param
         for name, param in model.state_dict(keep_vars=True).items()
-        if name.endswith(f".{adapter_name}") and any(f".{p}." in name for p in FunLoRALayer.adapter_layer_names)
+        if name.endswith(suffix) and any(part in name for part in layer_parts)
     }
-    prefix = "base_model.model."
     for key, tensor in state_dict.items():
-        model_key = key if key in expected else prefix + key
-        if model_key not in expected:
-            layer = re.sub(r"\.funlora_\w+$", "", key).removeprefix(prefix)
+        ckpt_key = checkpoint_key(key)
+        layer, _, tensor_name = ckpt_key.removeprefix(prefix).rpartition(".")
+        if ckpt_key not in expected:
             return (
                 f"tensor {key!r} does not map to a FunLoRA tensor of an adapted conv of this model (layer {layer!r})."
             )
-        target = expected[model_key]
+        target = expected[ckpt_key]
         if tuple(tensor.shape) != tuple(target.shape):
-            layer = model_key.removeprefix(prefix).rsplit(".funlora_", 1)[0]
             return (
-                f"layer {layer!r}: tensor {key.rsplit('.', 2)[-2] if key.count('.') else key} has shape "
-                f"{tuple(tensor.shape)} in the checkpoint but {tuple(target.shape)} in the model; the adapter was "
-                "saved for a differently shaped UNet."
+                f"layer {layer!r}: tensor {tensor_name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(target.shape)} in the model; the adapter was saved for a differently shaped UNet."
             )
         if not tensor.dtype.is_floating_point:
             return f"tensor {key!r} has dtype {tensor.dtype}; FunLoRA tensors are floating point."
         if not torch.isfinite(tensor).all():
             return f"tensor {key!r} holds NaN or infinite values."
-    provided = {key if key in expected else prefix + key for key in state_dict}
-    missing = sorted(set(expected) - provided)
+    missing = sorted(set(expected) - {checkpoint_key(key) for key in state_dict})
     if missing:
         return f"the checkpoint lacks {len(missing)} tensors the config asks for, e.g. {missing[0]!r}."
     return None
