@@ -129,19 +129,16 @@ class FunLoRALayer(BaseTunerLayer):
             omega = omega[rows] if omega is not None else None
         return self.funlora_function[adapter_name].compute(a, b, alpha, omega)
 
-    def _class_weights(self, groups: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """W_y = W0 * (1 + F_y) for every class of the routing groups, in order."""
-        weight = self.get_base_layer().weight
-        weights = []
+    def _class_scales(self, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """1 + F_y for every class of the routing groups, in order: `(classes, out_channels, in_channels)`, fp32."""
+        scales = []
         for adapter_name, rows in groups:
             if adapter_name not in self.funlora_a:
                 # The adapter does not target this layer: its classes use W0 here.
-                weights.extend([weight] * rows.shape[0])
-                continue
-            scale = 1.0 + self.functional_matrix(adapter_name, rows)
-            class_weights = (weight.unsqueeze(0) * scale[:, :, :, None, None].to(weight.dtype)).unbind(0)
-            weights.extend(class_weights)
-        return weights
+                scales.append(torch.ones(rows.shape[0], self.out_channels, self.in_channels, device=rows.device))
+            else:
+                scales.append(1.0 + self.functional_matrix(adapter_name, rows))
+        return scales[0] if len(scales) == 1 else torch.cat(scales)
 
     def get_delta_weight(self, adapter_name: str, class_label: int) -> torch.Tensor:
         """W_y - W0 = W0 * F_y for one class of `adapter_name`, in the dtype of W0."""
@@ -196,6 +193,64 @@ class FunLoRALayer(BaseTunerLayer):
         self._merged_class = None
 
 
+class _PerClassConv2d(torch.autograd.Function):
+    """Convolve consecutive chunks of a batch, one per class, with W_y = W0 * scale_y.
+
+    Autograd would keep one full weight copy per class and conv for the backward pass; this function keeps only the
+    scales `(classes, out, in)` (a kernel's area smaller) and rebuilds each W_y in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scales, counts, stride, padding, dilation):
+        outs = []
+        for chunk, scale in zip(x.split(counts), scales):
+            class_weight = weight * scale[:, :, None, None].to(weight.dtype)
+            outs.append(torch.nn.functional.conv2d(chunk, class_weight, bias, stride, padding, dilation))
+        ctx.save_for_backward(x, weight, scales)
+        ctx.counts, ctx.conv_args, ctx.has_bias = counts, (stride, padding, dilation), bias is not None
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scales = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_scales = ctx.needs_input_grad[:4]
+        stride, padding, dilation = ctx.conv_args
+        grad_x, grad_scales = [], []
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        for chunk, grad, scale in zip(x.split(ctx.counts), grad_out.split(ctx.counts), scales):
+            scale = scale[:, :, None, None]
+            class_weight = weight * scale.to(weight.dtype)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                grad,
+                chunk,
+                class_weight,
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0, 0],
+                1,
+                [need_x, need_weight or need_scales, False],
+            )
+            if need_x:
+                grad_x.append(gx)
+            if need_scales:
+                grad_scales.append((gw.float() * weight.float()).sum(dim=(-1, -2)))
+            if need_weight:
+                grad_weight += gw.float() * scale
+        return (
+            torch.cat(grad_x) if need_x else None,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_out.sum(dim=(0, 2, 3)) if need_bias and ctx.has_bias else None,
+            torch.stack(grad_scales).to(scales.dtype) if need_scales else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 class Conv2d(nn.Module, FunLoRALayer):
     """An `nn.Conv2d` wrapped with FunLoRA adapters; routes every sample to the adapter row of its class."""
 
@@ -230,12 +285,19 @@ class Conv2d(nn.Module, FunLoRALayer):
                 "label per sample."
             )
         base = self.get_base_layer()
-        weights = self._class_weights(plan.groups)
-        if plan.perm is None:
-            return base._conv_forward(x, weights[0], base.bias)
-        chunks = x.index_select(0, plan.perm).split(plan.counts)
-        out = torch.cat([base._conv_forward(chunk, w, base.bias) for chunk, w in zip(chunks, weights)])
-        return out.index_select(0, plan.inverse)
+        scales = self._class_scales(plan.groups)
+        if len(plan.counts) == 1:
+            return base._conv_forward(x, base.weight * scales[0, :, :, None, None].to(base.weight.dtype), base.bias)
+        if plan.perm is not None:
+            x = x.index_select(0, plan.perm)
+        if base.padding_mode == "zeros" and not torch.is_autocast_enabled(x.device.type):
+            out = _PerClassConv2d.apply(
+                x, base.weight, base.bias, scales, plan.counts, base.stride, base.padding, base.dilation
+            )
+        else:
+            weights = base.weight.unsqueeze(0) * scales[:, :, :, None, None].to(base.weight.dtype)
+            out = torch.cat([base._conv_forward(c, w, base.bias) for c, w in zip(x.split(plan.counts), weights)])
+        return out if plan.perm is None else out.index_select(0, plan.inverse)
 
     def __repr__(self) -> str:
         return "funlora." + super().__repr__()

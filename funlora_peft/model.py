@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+from diffusers import UNet2DModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import _get_submodules
 from torch import nn
@@ -54,6 +56,8 @@ class FunLoRAModel(BaseTuner):
         self._class_table: dict[int, tuple[str, int]] = {}
         # Registered after injection; removed again by merge_and_unload / unload.
         self._routing_hook = self.model.register_forward_pre_hook(self._route_class_labels, with_kwargs=True)
+        self._restore_hook = self.model.register_forward_hook(self._restore_sample_order)
+        self._output_inverse: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Injection
@@ -183,6 +187,7 @@ class FunLoRAModel(BaseTuner):
 
     def _route_class_labels(self, module, args, kwargs):
         """Forward pre-hook of the wrapped model: take `class_labels` out of the call and route them to the layers."""
+        self._output_inverse = None  # a previous forward may have raised before restoring the order
         class_labels = kwargs.pop("class_labels", None)
         if class_labels is None and len(args) > 2:
             # UNet2DModel.forward(sample, timestep, class_labels, ...): the labels may come positionally.
@@ -200,9 +205,25 @@ class FunLoRAModel(BaseTuner):
             )
         sample = args[0] if args else kwargs.get("sample")
         plan = self.routing_plan(class_labels, batch_size=sample.shape[0])
+        if plan.perm is not None and isinstance(module, UNet2DModel):
+            # Every op of a UNet2DModel treats samples independently, so the batch can be grouped by class once here
+            # (and restored once in `_restore_sample_order`) rather than at every adapted conv.
+            args, kwargs = _reorder_unet_inputs(args, kwargs, plan.perm)
+            self._output_inverse = plan.inverse
+            plan = dataclasses.replace(plan, perm=None, inverse=None)
         for layer in layers:
             layer._routing = plan
         return args, kwargs
+
+    def _restore_sample_order(self, module, args, output):
+        """Forward hook of the wrapped model: undo the grouping by class of `_route_class_labels`."""
+        inverse, self._output_inverse = self._output_inverse, None
+        if inverse is None:
+            return output
+        if isinstance(output, tuple):
+            return (output[0].index_select(0, inverse),) + output[1:]
+        output.sample = output.sample.index_select(0, inverse)
+        return output
 
     # ----------------------------------------------------------------------------------------------------------------
     # Merging and unloading
@@ -255,6 +276,7 @@ class FunLoRAModel(BaseTuner):
                 target._weight_before_merge = None  # the merged weight is now the base model's own
             setattr(parent, target_name, target.get_base_layer())
         self._routing_hook.remove()
+        self._restore_hook.remove()
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
@@ -328,6 +350,17 @@ def _discard_adapter(peft_model: nn.Module, adapter_name: str) -> None:
     del tuner.peft_config[adapter_name]
     if getattr(peft_model, "peft_config", None) is not None and adapter_name in peft_model.peft_config:
         del peft_model.peft_config[adapter_name]
+
+
+def _reorder_unet_inputs(args: tuple, kwargs: dict, perm: torch.Tensor) -> tuple[tuple, dict]:
+    """`UNet2DModel.forward(sample, timestep, ...)` inputs with the batch permuted by `perm`."""
+    args, kwargs = list(args), dict(kwargs)
+    for position, name in enumerate(("sample", "timestep")):
+        container, key = (args, position) if len(args) > position else (kwargs, name)
+        value = container[key] if (container is args or key in container) else None
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == perm.numel():
+            container[key] = value.index_select(0, perm.to(value.device))
+    return tuple(args), kwargs
 
 
 def _is_excluded(result) -> bool:

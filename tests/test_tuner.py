@@ -325,6 +325,38 @@ def test_gradient_checkpointing_gives_same_gradients(unet_name):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("function", ["cos", "rshift"])
+def test_mixed_batch_gradients_equal_per_class_gradients(unet_name, function):
+    """Backbone, bias, adapter and input gradients of a mixed batch = the sum over its single-class sub-batches."""
+    model = two_task_model(unet_name, function)
+    for param in model.parameters():  # as in task 0: backbone and adapters all trainable
+        param.requires_grad_(True)
+    model.train()
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+
+    def gradients(batches):
+        model.zero_grad(set_to_none=True)
+        inputs = []
+        for idx in batches:
+            x = x_t[idx].clone().requires_grad_(True)
+            model(x, t[idx], class_labels=MIXED[idx]).sample.pow(2).sum().backward()
+            inputs.append((idx, x.grad))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        x_grad = torch.zeros_like(x_t)
+        for idx, g in inputs:
+            x_grad[idx] = g
+        return grads, x_grad
+
+    mixed, mixed_x = gradients([torch.arange(6)])
+    per_class, per_class_x = gradients([(MIXED == c).nonzero().flatten() for c in MIXED.unique()])
+    assert mixed.keys() == per_class.keys() and any("base_layer.weight" in n for n in mixed)
+    for name in mixed:
+        torch.testing.assert_close(
+            mixed[name], per_class[name], rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    torch.testing.assert_close(mixed_x, per_class_x, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 8. dtype and device
 
