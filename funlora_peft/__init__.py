@@ -6,8 +6,11 @@ Importing the package registers FunLoRA with PEFT under the peft type "FUNLORA",
 
 from .config import PEFT_TYPE, FunLoRAConfig
 from .functions import FUNCTIONS, get_function
+from .hub import download_index, download_run, push_to_hub
 from .layer import FunLoRALayer
 from .model import FunLoRAModel, check_adapter_state_dict
+from .model_card import write_model_card
+from .pipeline import FunLoRAPipeline
 from .registration import register_funlora
 
 register_funlora()
@@ -20,7 +23,12 @@ __all__ = [
     "FunLoRAConfig",
     "FunLoRALayer",
     "FunLoRAModel",
+    "FunLoRAPipeline",
     "check_adapter_state_dict",
+    "download_index",
+    "download_run",
     "get_function",
+    "push_to_hub",
     "register_funlora",
+    "write_model_card",
 ]
