@@ -639,7 +639,11 @@ def frechet_distance(
     num_features = getattr(feature_extractor, "num_features", None)
     if not isinstance(num_features, int):
         num_features = _PenultimateFeatures(feature_extractor, 0)(real_images[:2].to(device).float()).shape[1]
-    metric = FrechetInceptionDistance(feature=_PenultimateFeatures(feature_extractor, num_features))
+    # The caller passes all the images it wants compared: never gather states from other processes (under
+    # torch.distributed only the main process evaluates, and a gather would wait for the others forever).
+    metric = FrechetInceptionDistance(
+        feature=_PenultimateFeatures(feature_extractor, num_features), sync_on_compute=False, dist_sync_on_step=False
+    )
     # torchmetrics keeps feature sums in float64; states follow the feature extractor's device.
     metric = metric.to(device)
     try:
