@@ -1,0 +1,540 @@
+"""Building blocks of the continual training script `examples/train.py`.
+
+- Step randomness: every optimisation step draws its batch indices, noise x_0 and times t from a generator seeded by
+  `(seed, task, step)` alone, so a resumed run replays exactly the steps an uninterrupted one takes (`step_generator`,
+  `draw_training_batch`).
+- Run-folder outputs written atomically: the backbone in diffusers format (`save_backbone`), one task's adapter
+  (`save_adapter`), JSON files (`write_json_atomic`) and a sample grid PNG (`make_image_grid`).
+- Checkpoints: `accelerator.save_state` into a hidden temporary folder, a `training_state.json` listing the sha256 of
+  every file and the run's key settings, then one rename to `checkpoint-{global_step}`; `CheckpointHooks` writes the
+  model tensors as safetensors (the backbone only while it trains, i.e. during task 0); `read_checkpoint` refuses a
+  missing, incomplete, corrupted or foreign checkpoint before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .flow_matching import make_flow_matching_batch
+from .model import check_adapter_state_dict
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CheckpointError",
+    "CheckpointHooks",
+    "TrainingBatch",
+    "TrainingState",
+    "adapter_parameter_count",
+    "backbone_state_dict",
+    "draw_training_batch",
+    "list_checkpoints",
+    "make_image_grid",
+    "pipeline_sample_fn",
+    "prune_checkpoints",
+    "read_checkpoint",
+    "resolve_checkpoint",
+    "save_adapter",
+    "save_backbone",
+    "save_checkpoint",
+    "step_generator",
+    "tensor_sha256",
+    "write_json_atomic",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"
+STATE_FORMAT_VERSION = 1
+CKPT_ADAPTER_FILE = "adapter_model.safetensors"
+CKPT_BACKBONE_FILE = "backbone.safetensors"
+CKPT_EMA_FILE = "ema.safetensors"
+ADAPTER_PREFIX = "funlora_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: missing, incomplete, corrupted, or written by another run."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Step randomness
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, task: int, step: int, micro_step: int = 0) -> torch.Generator:
+    """A CPU generator seeded by `(seed, task, step, micro_step)` only.
+
+    Drawing every step's randomness from its own generator (rather than from one global stream) makes the run
+    resumable at any step: step s of task k draws the same batch whether or not the process was restarted before it.
+    """
+    digest = hashlib.sha256(f"funlora-train/{seed}/{task}/{step}/{micro_step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class TrainingBatch:
+    """This process's share of one flow-matching training batch (see `funlora_peft.flow_matching`).
+
+    Attributes:
+        x_t: `(batch, channels, height, width)` network input (1 - t) x_0 + t x_1.
+        t: `(batch,)` flow times in [0, 1].
+        velocity: `(batch, channels, height, width)` regression target x_1 - x_0.
+        class_labels: `(batch,)` int64 global class ids.
+    """
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    velocity: torch.Tensor
+    class_labels: torch.Tensor
+
+
+def draw_training_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    global_batch_size: int,
+    generator: torch.Generator,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    time_distribution: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> TrainingBatch:
+    """Draw the global batch of one step from `generator` and return this process's contiguous slice of it.
+
+    The global batch (`global_batch_size` distinct images, their noise x_0 and times t) is drawn identically on every
+    process, so the data a step sees depends only on the generator, not on the process that draws it.
+
+    Args:
+        images: `(num_images, channels, height, width)` training images x_1 of the current task, in [-1, 1].
+        labels: `(num_images,)` their global class ids.
+        global_batch_size: images per step over all processes; must divide by `num_processes`.
+        generator: the step's generator (`step_generator`).
+        process_index, num_processes: this process's rank and the number of processes.
+        time_distribution, logit_mean, logit_std: see `funlora_peft.flow_matching.sample_time`.
+    """
+    if global_batch_size % num_processes:
+        raise ValueError(f"global_batch_size={global_batch_size} must divide by num_processes={num_processes}.")
+    num_images = images.shape[0]
+    # Without replacement inside a batch; a task smaller than the batch repeats its images (each at most
+    # ceil(batch / num_images) times).
+    repeats = math.ceil(global_batch_size / num_images)
+    index = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(repeats)])[:global_batch_size]
+    batch = make_flow_matching_batch(
+        images[index],
+        generator=generator,
+        time_distribution=time_distribution,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+    )
+    share = global_batch_size // num_processes
+    part = slice(process_index * share, (process_index + 1) * share)
+    return TrainingBatch(
+        x_t=batch.x_t[part], t=batch.t[part], velocity=batch.velocity[part], class_labels=labels[index][part]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder `new` to `target`; an existing `target` is swapped out first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def backbone_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The wrapped UNet's own tensors under plain `UNet2DModel` names (adapter tensors and `.base_layer` removed)."""
+    unet = peft_model.get_base_model()
+    state = {}
+    for key, tensor in unet.state_dict().items():
+        if ADAPTER_PREFIX in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor.detach()
+    return state
+
+
+def save_backbone(peft_model: nn.Module, folder: str | os.PathLike) -> None:
+    """Save the base UNet of `peft_model` as a plain `UNet2DModel` (config + safetensors) into `folder`, atomically."""
+    folder = Path(folder)
+    unet = peft_model.get_base_model()
+    plain = UNet2DModel.from_config(unet.config)
+    plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(peft_model).items()}, strict=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    plain.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, folder)
+
+
+def save_adapter(peft_model: nn.Module, adapter_name: str, output_dir: str | os.PathLike) -> Path:
+    """Save one adapter with PEFT's `save_pretrained` to `output_dir/adapter_name`, atomically.
+
+    PEFT writes the adapter into a subfolder named after it and a model card beside it; the card is dropped (the run's
+    card is written elsewhere) and the subfolder is moved into place.
+    """
+    output_dir = Path(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_name}.", dir=output_dir))
+    try:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
+        written = tmp / adapter_name if adapter_name != "default" else tmp
+        (tmp / "README.md").unlink(missing_ok=True)
+        target = output_dir / adapter_name
+        _replace_dir(written, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def make_image_grid(images: torch.Tensor, rows: int, *, padding: int = 1, scale: int = 2) -> Image.Image:
+    """Tile `(rows * cols, channels, height, width)` images in [0, 1] row by row into one PIL image.
+
+    Images are separated by `padding` white pixels and the grid is enlarged `scale` times (nearest neighbour), so
+    that 16x16 samples stay legible.
+    """
+    if images.dim() != 4 or images.shape[0] % rows:
+        raise ValueError(f"images must be (rows * cols, C, H, W) with rows={rows}, got {tuple(images.shape)}.")
+    count, channels, height, width = images.shape
+    cols = count // rows
+    grid = torch.ones(channels, rows * (height + padding) + padding, cols * (width + padding) + padding)
+    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, cols)
+        top, left = padding + r * (height + padding), padding + c * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array, mode="L" if channels == 1 else "RGB")
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    return picture
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (contiguous, on CPU): equal digests mean bit-identical tensors."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation glue
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pipeline_sample_fn(pipe, num_inference_steps: int) -> Callable[[int, int, torch.Generator], torch.Tensor]:
+    """A `funlora_peft.evaluation.SampleFn` over a `FunLoRAPipeline`: single-class batches, images in [-1, 1]."""
+
+    def sample_fn(class_label: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        images = pipe(
+            class_labels=[int(class_label)] * num_samples,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="pt",
+        ).images
+        return images * 2 - 1
+
+    return sample_fn
+
+
+def adapter_parameter_count(peft_model: nn.Module, adapter_name: str) -> int:
+    """Number of scalars in the tensors of `adapter_name` (all classes, all layers)."""
+    suffix = f".{adapter_name}"
+    return sum(p.numel() for n, p in peft_model.named_parameters() if ADAPTER_PREFIX in n and n.endswith(suffix))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """Where a checkpoint stands, stored as `training_state.json` in it.
+
+    Attributes:
+        task: index of the task being trained.
+        task_step: optimisation steps of that task already done (equal to the task's step count once it is trained).
+        global_step: optimisation steps over all tasks.
+        train_seconds: training time of the current task so far.
+        run_key: the settings that determine the training trajectory; a checkpoint resumes only a run with equal ones.
+        ema_optimization_step: the EMA's step counter (None without EMA).
+        files: sha256 of every other file of the checkpoint.
+    """
+
+    task: int
+    task_step: int
+    global_step: int
+    train_seconds: float = 0.0
+    run_key: dict = field(default_factory=dict)
+    ema_optimization_step: int | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    format_version: int = STATE_FORMAT_VERSION
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """`(global_step, path)` of the finished `checkpoint-N` folders of `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None:
+    """The folder `--resume_from_checkpoint value` names: "latest" (None when there is none), a path, or a name.
+
+    A name without a path (e.g. `checkpoint-500`) is looked up in `output_dir`.
+    """
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(value)
+    if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
+        path = Path(output_dir) / value
+    if not path.is_dir():
+        raise CheckpointError(
+            f"--resume_from_checkpoint={value!r}: no such checkpoint folder ({path}). Pass 'latest' or a "
+            f"{CHECKPOINT_PREFIX}N folder written by this script; available in {output_dir}: "
+            f"{[p.name for _, p in list_checkpoints(output_dir)]}."
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    state: TrainingState,
+    total_limit: int | None = None,
+) -> Path:
+    """Write `checkpoint-{global_step}` atomically (main process only) and prune old ones to `total_limit`.
+
+    `accelerator.save_state` writes into a hidden temporary folder; `training_state.json` (with the sha256 of every
+    file) is written last and the folder renamed into place, so a kill at any moment leaves either the previous set of
+    checkpoints or a complete new one, never a half-written `checkpoint-N`.
+    """
+    output_dir = Path(output_dir)
+    target = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    for stale in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=output_dir))
+    accelerator.save_state(str(tmp))
+    state.files = {
+        path.relative_to(tmp).as_posix(): _sha256_file(path) for path in sorted(tmp.rglob("*")) if path.is_file()
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    _replace_dir(tmp, target)
+    prune_checkpoints(output_dir, total_limit)
+    return target
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond `total_limit`; returns the deleted folders."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def read_checkpoint(path: str | os.PathLike, run_key: dict, required_files: Sequence[str] = ()) -> TrainingState:
+    """Read and check a checkpoint before anything is loaded from it.
+
+    Refuses (with `CheckpointError`) a folder without `training_state.json`, an unknown format, a run key that differs
+    from `run_key` (a checkpoint of another run), a missing required file and any file whose sha256 differs from the
+    one recorded at save time (a corrupted or edited checkpoint).
+    """
+    path = Path(path)
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(
+            f"{path} is not a checkpoint of examples/train.py: it has no {STATE_FILE}. Resume only from "
+            f"{CHECKPOINT_PREFIX}N folders this script wrote."
+        )
+    try:
+        data = json.loads(state_path.read_text())
+        state = TrainingState(**data)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_path} is corrupted ({err}); resume from another checkpoint.") from None
+    if state.format_version != STATE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state_path}: unknown format_version {state.format_version!r} (this script writes "
+            f"{STATE_FORMAT_VERSION})."
+        )
+    differences = {
+        key: (state.run_key.get(key, "<missing>"), run_key.get(key, "<missing>"))
+        for key in sorted(set(state.run_key) | set(run_key))
+        if state.run_key.get(key, "<missing>") != run_key.get(key, "<missing>")
+    }
+    if differences:
+        shown = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differences.items())
+        raise CheckpointError(
+            f"{path} belongs to a different run ({shown}). Resume with the flags of the run that wrote it, or "
+            "start a new run in another --output_dir."
+        )
+    for name in required_files:
+        if name not in state.files:
+            raise CheckpointError(f"{path} is incomplete: it lacks {name}.")
+    for name, expected in state.files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path} is incomplete: {name} is missing.")
+        if _sha256_file(file) != expected:
+            raise CheckpointError(
+                f"{path}: {name} does not match the sha256 recorded when the checkpoint was written (corrupted or "
+                "modified); resume from another checkpoint."
+            )
+    return state
+
+
+def check_checkpoint_tensors(
+    path: str | os.PathLike, peft_model: nn.Module, adapter_name: str, with_backbone: bool, ema_names: Sequence[str]
+) -> None:
+    """Check that the checkpoint's tensors fit `peft_model` (names, shapes, finite values) before loading any."""
+    path = Path(path)
+    adapter = load_file(path / CKPT_ADAPTER_FILE)
+    problem = check_adapter_state_dict(peft_model, adapter_name, adapter)
+    if problem is not None:
+        raise CheckpointError(f"{path / CKPT_ADAPTER_FILE}: {problem}")
+    if with_backbone:
+        expected = {k: v for k, v in peft_model.state_dict().items() if ADAPTER_PREFIX not in k}
+        _check_tensor_file(path / CKPT_BACKBONE_FILE, expected)
+    if ema_names:
+        params = dict(peft_model.named_parameters())
+        _check_tensor_file(path / CKPT_EMA_FILE, {name: params[name] for name in ema_names})
+
+
+def _check_tensor_file(file: Path, expected: dict[str, torch.Tensor]) -> None:
+    with safe_open(file, framework="pt") as handle:
+        keys = set(handle.keys())
+        if keys != set(expected):
+            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+            raise CheckpointError(f"{file} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}.")
+        for key in keys:
+            shape = tuple(handle.get_slice(key).get_shape())
+            if shape != tuple(expected[key].shape):
+                raise CheckpointError(f"{file}: {key} has shape {shape}, the model {tuple(expected[key].shape)}.")
+
+
+class CheckpointHooks:
+    """Accelerate save/load-state pre-hooks writing the model tensors as safetensors instead of a pickled state.
+
+    Saved: the trained adapter (`adapter_model.safetensors`, PEFT's key format), the backbone while it trains
+    (`backbone.safetensors`, during task 0 only: later the frozen backbone lives in the run's `backbone/` folder), and
+    the EMA's shadow tensors (`ema.safetensors`) when an EMA is set. The hooks remove the model from accelerate's
+    lists, so accelerate itself only writes the optimizer, scheduler and RNG states.
+
+    Example:
+        >>> hooks = CheckpointHooks(accelerator)
+        >>> hooks.configure(adapter_name="task_0", train_backbone=True, ema=None, ema_names=[])
+        >>> accelerator.save_state(folder)
+    """
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.adapter_name: str | None = None
+        self.train_backbone = False
+        self.ema = None
+        self.ema_names: list[str] = []
+        accelerator.register_save_state_pre_hook(self.save_hook)
+        accelerator.register_load_state_pre_hook(self.load_hook)
+
+    def configure(self, adapter_name: str, train_backbone: bool, ema=None, ema_names: Sequence[str] = ()) -> None:
+        """Set what the next checkpoints hold: the adapter being trained, the backbone or not, the EMA."""
+        self.adapter_name = adapter_name
+        self.train_backbone = train_backbone
+        self.ema = ema
+        self.ema_names = list(ema_names)
+
+    def required_files(self) -> list[str]:
+        """Files a checkpoint written with the current configuration must hold."""
+        files = [CKPT_ADAPTER_FILE]
+        if self.train_backbone:
+            files.append(CKPT_BACKBONE_FILE)
+        if self.ema is not None:
+            files.append(CKPT_EMA_FILE)
+        return files
+
+    def save_hook(self, models, weights, output_dir) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        output_dir = Path(output_dir)
+        for model in models:
+            peft_model = self.accelerator.unwrap_model(model)
+            adapter = get_peft_model_state_dict(
+                peft_model, adapter_name=self.adapter_name, save_embedding_layers=False
+            )
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, output_dir / CKPT_ADAPTER_FILE)
+            if self.train_backbone:
+                backbone = {k: v.detach().cpu().contiguous() for k, v in peft_model.state_dict().items()}
+                backbone = {k: v for k, v in backbone.items() if ADAPTER_PREFIX not in k}
+                save_file(backbone, output_dir / CKPT_BACKBONE_FILE)
+            if self.ema is not None:
+                shadow = {n: s.detach().cpu().contiguous() for n, s in zip(self.ema_names, self.ema.shadow_params)}
+                save_file(shadow, output_dir / CKPT_EMA_FILE)
+            # The model is saved: keep accelerate from writing it again (pickled or in its own safetensors file).
+            weights.pop()
+
+    def load_hook(self, models, input_dir) -> None:
+        input_dir = Path(input_dir)
+        while models:
+            peft_model = self.accelerator.unwrap_model(models.pop())
+            device = next(peft_model.parameters()).device
+            adapter = load_file(input_dir / CKPT_ADAPTER_FILE, device=str(device))
+            result = set_peft_model_state_dict(peft_model, adapter, adapter_name=self.adapter_name)
+            if result.unexpected_keys:
+                raise CheckpointError(f"{input_dir}: unexpected adapter tensors {result.unexpected_keys[:3]}.")
+            if self.train_backbone:
+                backbone = load_file(input_dir / CKPT_BACKBONE_FILE, device=str(device))
+                missing, unexpected = peft_model.load_state_dict(backbone, strict=False)
+                missing = [k for k in missing if ADAPTER_PREFIX not in k]
+                if missing or unexpected:
+                    raise CheckpointError(
+                        f"{input_dir}: backbone tensors missing {missing[:3]}, extra {unexpected[:3]}."
+                    )
+            if self.ema is not None:
+                shadow = load_file(input_dir / CKPT_EMA_FILE)
+                with torch.no_grad():
+                    for name, tensor in zip(self.ema_names, self.ema.shadow_params):
+                        tensor.copy_(shadow[name])
