@@ -843,6 +843,8 @@ def main(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as error:
         # Bad input: one clear line, before any training step and before anything was written.
         raise SystemExit(f"train.py: error: {error}") from None
+    # Every process checks the output folder before the main process writes into it.
+    accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
         if run.checkpoint is None and args.overwrite_output_dir:
