@@ -12,18 +12,21 @@ output_dir/
   task_0/, task_1/, ...           adapter_config.json + adapter_model.safetensors of each task
   samples/after_task_k.png        one row of samples per class seen so far
   metrics.json                    real-data accuracy, then per task: CAS, recognition accuracy per task, FD, ...
+  README.md                       model card (funlora_peft.model_card)
   logs/                           tensorboard
   checkpoint-N/                   resumable training state (accelerate), written atomically
 ```
 
-Commands (from the repository root; with no flag at all the script runs the embedded digits protocol: scikit-learn's
-digits at 16x16, 5 tasks of 2 classes, about 10 minutes on 2 CPU cores):
+Commands (from the repository root). With no flag at all the script runs the embedded digits protocol: scikit-learn's
+digits at 16x16, 5 tasks of 2 classes, a 1.1M-parameter UNet, cos FunLoRA with p = 10 on all 35 convs (4,990 extra
+parameters per class). On 2 shared CPU cores (one torch thread, as `accelerate launch` sets it) it took 7 min 15 s
+and ended with CAS 0.953 over the 10 classes (real data: 0.989), recognition accuracy 0.961 and forgetting 0.0:
 
 ```bash
 accelerate launch examples/train.py
-accelerate launch examples/train.py --output_dir runs/digits --function rshift --report_to tensorboard
+accelerate launch examples/train.py --output_dir runs/digits-rshift --function rshift
 accelerate launch --multi_gpu --num_processes 2 examples/train.py --output_dir runs/ddp      # 2 GPUs, or gloo on CPU
-accelerate launch examples/train.py --output_dir runs/digits --resume_from_checkpoint latest  # continue a killed run
+accelerate launch examples/train.py --resume_from_checkpoint latest         # continue a killed run where it stopped
 accelerate launch examples/train.py --dataset_name uoft-cs/cifar100 --image_column img --label_column fine_label \
     --resolution 32 --classes_per_task 20 --block_out_channels 128,256,256,256 --layers_per_block 2 \
     --norm_num_groups 32 --first_task_steps 20000 --task_steps 5000 --train_batch_size 128 --mixed_precision bf16
@@ -158,7 +161,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Convs to adapt: comma-separated module names or name suffixes as in PEFT (default: every Conv2d).",
     )
     # Training
-    parser.add_argument("--output_dir", type=str, default="funlora-digits", help="The run folder to write.")
+    parser.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -289,10 +292,21 @@ def _int_list(flag: str, value: str) -> list[int]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work, naming the flag and the fix."""
-    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "first_task_steps", "task_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    for flag in ("checkpointing_steps", "num_inference_steps", "classifier_epochs", "num_functions"):
+    for flag in (
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "first_task_steps",
+        "task_steps",
+        "layers_per_block",
+        "attention_head_dim",
+        "grid_samples_per_class",
+        "checkpointing_steps",
+        "num_inference_steps",
+        "classifier_epochs",
+        "num_functions",
+        "norm_num_groups",
+    ):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.eval_samples_per_class < 2:

@@ -163,6 +163,15 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     os.replace(tmp, path)
 
 
+def _tmp_dir_beside(target: Path) -> Path:
+    """A new hidden folder next to `target` with the permissions of a plain `mkdir` (mkdtemp's are 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move the finished folder `new` to `target`; an existing `target` is swapped out first, then deleted."""
     old = None
@@ -193,7 +202,7 @@ def save_backbone(peft_model: nn.Module, folder: str | os.PathLike) -> None:
     unet = peft_model.get_base_model()
     plain = UNet2DModel.from_config(unet.config)
     plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(peft_model).items()}, strict=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = _tmp_dir_beside(folder)
     plain.save_pretrained(tmp, safe_serialization=True)
     _replace_dir(tmp, folder)
 
@@ -205,7 +214,7 @@ def save_adapter(peft_model: nn.Module, adapter_name: str, output_dir: str | os.
     card is written elsewhere) and the subfolder is moved into place.
     """
     output_dir = Path(output_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_name}.", dir=output_dir))
+    tmp = _tmp_dir_beside(output_dir / adapter_name)
     try:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
         written = tmp / adapter_name if adapter_name != "default" else tmp
@@ -356,7 +365,7 @@ def save_checkpoint(
     target = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
     for stale in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=output_dir))
+    tmp = _tmp_dir_beside(target)
     accelerator.save_state(str(tmp))
     state.files = {
         path.relative_to(tmp).as_posix(): _sha256_file(path) for path in sorted(tmp.rglob("*")) if path.is_file()

@@ -124,6 +124,10 @@ def test_end_to_end_run_folder_metrics_and_pipeline(tiny_run):
     card = (out / "README.md").read_text()  # our model card, not PEFT's
     assert "library_name: funlora-peft" in card and "task_1" in card
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
+    # Folders moved into place from temporary ones get the permissions of a plain mkdir.
+    assert {(out / name).stat().st_mode & 0o777 for name in ("backbone", "task_0", "samples", "checkpoint-3")} == {
+        (out / "samples").stat().st_mode & 0o777
+    }
     # Only safetensors, json, png and tensorboard files outside the checkpoints: nothing pickled.
     for path in out.rglob("*"):
         top = path.relative_to(out).parts[0]
@@ -231,6 +235,22 @@ def test_resume_in_the_middle_of_a_task_gives_the_uninterrupted_adapters(tiny_ru
     for row, ref in zip(final["tasks"], reference["tasks"]):
         for name in ("cas", "accuracy_per_task", "fd", "samples_sha256"):
             assert row[name] == ref[name], name
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_while_a_task_was_written(tiny_run, tmp_path):
+    # Killed after task 0's last checkpoint but before its outputs were complete: resuming from that checkpoint
+    # writes them again and goes on to the same end.
+    out = tmp_path / "killed"
+    shutil.copytree(tiny_run.output_dir, out)
+    for name in ("task_0", "task_1", "backbone", "funlora.json", "metrics.json"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    check_ok(launch(out, "--use_ema", "--resume_from_checkpoint", "checkpoint-4"))
+    resumed, uninterrupted = run_tensors(out), run_tensors(tiny_run.output_dir)
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
 
 
 def test_step_generator_depends_only_on_its_key():
