@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 
 from .config import FunLoRAConfig
@@ -222,8 +222,6 @@ def attach_tasks(
             problem = check_adapter_state_dict(model, task.name, tensors)
             if problem is not None:
                 raise ValueError(f"{folder / task.name / ADAPTER_WEIGHTS}: {problem}")
-            from peft import set_peft_model_state_dict
-
             set_peft_model_state_dict(model, tensors, adapter_name=task.name)
     except Exception:
         if model is not None:
