@@ -284,6 +284,10 @@ class Conv2d(nn.Module, FunLoRALayer):
                 f"class_labels has {plan.batch_size} entries but the layer received a batch of {x.shape[0]}; pass one "
                 "label per sample."
             )
+        if all(adapter_name not in self.funlora_a for adapter_name, _ in plan.groups):
+            # No class of the batch is adapted here: the plain conv, exactly as if this layer were not wrapped (a
+            # task that adapts only some layers gives the same outputs whatever other tasks are loaded).
+            return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         scales = self._class_scales(plan.groups)
         if len(plan.counts) == 1:

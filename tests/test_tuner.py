@@ -562,3 +562,25 @@ def test_tampered_adapter_files_are_refused(tmp_path):
         with pytest.raises(ValueError, match=match):
             PeftModel.from_pretrained(unet, path, adapter_name="task_0")
         assert not funlora_layers(unet), case
+
+
+def test_a_task_on_some_layers_is_unaffected_by_other_loaded_tasks(unet_name):
+    """A task that adapts a subset of the convs (e.g. after layer selection) gives bit-identical outputs whether or
+    not a task adapting every conv is loaded beside it: on the layers it does not adapt its classes see plain convs."""
+    targets = [n for n, m in make_unet(unet_name).named_modules() if isinstance(m, torch.nn.Conv2d)][2:5]
+    alone = get_peft_model(make_unet(unet_name), FunLoRAConfig(class_ids=[2, 3], target_modules=targets, init_seed=1))
+    both = get_peft_model(make_unet(unet_name), FunLoRAConfig(class_ids=[0, 1], init_seed=0), adapter_name="task_0")
+    both.add_adapter("default", FunLoRAConfig(class_ids=[2, 3], target_modules=targets, init_seed=1))
+    with torch.no_grad():
+        for model in (alone, both):
+            for name, param in model.named_parameters():
+                if "funlora_alpha" in name:
+                    param.fill_(0.7)
+        for batch_size in (2, 3, 16):  # mixed batches: chunked and whole-batch convs differ in the last bits
+            x_t, t = make_inputs(alone.base_model.model, batch_size=batch_size)
+            labels = torch.tensor([3, 2] * batch_size)[:batch_size]
+            assert torch.equal(alone(x_t, t, class_labels=labels).sample, both(x_t, t, class_labels=labels).sample)
+        pair = torch.tensor([2, 2])  # a single-class batch
+        assert torch.equal(
+            alone(x_t[:2], t[:2], class_labels=pair).sample, both(x_t[:2], t[:2], class_labels=pair).sample
+        )
