@@ -12,6 +12,7 @@ output_dir/
   task_0/, task_1/, ...           adapter_config.json + adapter_model.safetensors of each task
   samples/after_task_k.png        one row of samples per class seen so far
   metrics.json                    real-data accuracy, then per task: CAS, recognition accuracy per task, FD, ...
+  importance.json, importance.png with --select_layers: the layer scores I_l, the chosen convs, their bar plot
   README.md                       model card (funlora_peft.model_card)
   logs/                           tensorboard
   checkpoint-N/                   resumable training state (accelerate), written atomically
@@ -27,6 +28,7 @@ accelerate launch examples/train.py
 accelerate launch examples/train.py --output_dir runs/digits-rshift --function rshift
 accelerate launch --multi_gpu --num_processes 2 examples/train.py --output_dir runs/ddp      # 2 GPUs, or gloo on CPU
 accelerate launch examples/train.py --resume_from_checkpoint latest         # continue a killed run where it stopped
+accelerate launch examples/train.py --output_dir runs/digits-top10 --select_layers top_k=10   # later tasks: 10 convs
 accelerate launch examples/train.py --dataset_name uoft-cs/cifar100 --image_column img --label_column fine_label \
     --resolution 32 --classes_per_task 20 --block_out_channels 128,256,256,256 --layers_per_block 2 \
     --norm_num_groups 32 --first_task_steps 20000 --task_steps 5000 --train_batch_size 128 --mixed_precision bf16
@@ -66,6 +68,16 @@ from funlora_peft import FunLoRAConfig, push_to_hub, write_model_card
 from funlora_peft.data import load_image_classification_data, make_task_layout, task_dataset
 from funlora_peft.evaluation import AccuracyMatrix, evaluate_stage, generate_per_class, predict, train_classifier
 from funlora_peft.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, t_to_model_timestep
+from funlora_peft.importance import (
+    IMPORTANCE_FILE,
+    IMPORTANCE_PLOT,
+    compute_layer_importance,
+    parse_selection,
+    plot_layer_importance,
+    probe_layer_importance,
+    read_importance,
+    select_target_modules,
+)
 from funlora_peft.model import check_adapter_state_dict
 from funlora_peft.pipeline import FunLoRAPipeline
 from funlora_peft.repository import (
@@ -159,6 +171,26 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Convs to adapt: comma-separated module names or name suffixes as in PEFT (default: every Conv2d).",
+    )
+    parser.add_argument(
+        "--select_layers",
+        type=str,
+        default=None,
+        help="Adapt only the most important convs in tasks 1, 2, ...: 'top_k=K' or 'fraction=F'. After task 0 the "
+        "layers are scored (--importance_source) and the K (or F of all) with the largest |I_l| are kept; the "
+        "scores, the selection and importance.png go to --output_dir. Default: the same convs in every task.",
+    )
+    parser.add_argument(
+        "--importance_source",
+        type=str,
+        default="probe",
+        choices=("probe", "task0"),
+        help="Scores for --select_layers. 'probe': a throwaway adapter on every conv trained on task 1's data with "
+        "the task-0 backbone frozen, the regime every later task trains in. 'task0': task 0's own adapters, free, "
+        "but trained together with the backbone, which absorbs part of what they would otherwise carry.",
+    )
+    parser.add_argument(
+        "--importance_probe_steps", type=int, default=50, help="Optimisation steps of the probe (--importance_source)."
     )
     # Training
     parser.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
@@ -306,6 +338,7 @@ def check_args(args: argparse.Namespace) -> None:
         "classifier_epochs",
         "num_functions",
         "norm_num_groups",
+        "importance_probe_steps",
     ):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
@@ -332,6 +365,8 @@ def check_args(args: argparse.Namespace) -> None:
     attention_level(args, len(channels))
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ValueError(f"--report_to={args.report_to!r} must be 'tensorboard', 'wandb', 'all' or 'none'.")
+    if args.select_layers is not None:
+        parse_selection(args.select_layers)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name: the Hub repo to push the run to.")
 
@@ -370,10 +405,15 @@ def unet_config(args: argparse.Namespace, num_channels: int) -> dict:
     )
 
 
-def adapter_config(args: argparse.Namespace, class_ids: list[int], task: int) -> FunLoRAConfig:
+def adapter_config(
+    args: argparse.Namespace, class_ids: list[int], task: int, selected: list[str] | None = None
+) -> FunLoRAConfig:
+    """Task `task`'s adapter; tasks after task 0 adapt only the `selected` layers when --select_layers chose them."""
     target_modules = None
     if args.target_modules:
         target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
+    if task > 0 and selected is not None:
+        target_modules = list(selected)
     config = FunLoRAConfig(
         class_ids=list(class_ids),
         function=args.function,
@@ -389,7 +429,8 @@ def run_key(args: argparse.Namespace, tasks: list[list[int]], num_processes: int
     """The settings that determine the training trajectory; a checkpoint only resumes a run with the same ones."""
     keys = (
         "dataset_name image_column label_column resolution block_out_channels layers_per_block attention_level "
-        "norm_num_groups attention_head_dim function num_functions target_modules seed train_batch_size "
+        "norm_num_groups attention_head_dim function num_functions target_modules select_layers importance_source "
+        "importance_probe_steps seed train_batch_size "
         "gradient_accumulation_steps first_task_steps task_steps learning_rate adapter_learning_rate lr_scheduler "
         "lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm time_distribution "
         "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power"
@@ -411,6 +452,7 @@ class Run:
     start: TrainingState
     checkpoint: Path | None = None
     metrics: dict = field(default_factory=dict)
+    selected: list[str] | None = None  # the layers tasks 1, 2, ... adapt (--select_layers), once chosen
 
 
 def _run_outputs(output_dir: Path) -> list[str]:
@@ -419,14 +461,21 @@ def _run_outputs(output_dir: Path) -> list[str]:
         return []
     names = []
     for path in output_dir.iterdir():
-        if path.name in (INDEX_FILE, METRICS_FILE, BACKBONE_SUBFOLDER, SAMPLES_SUBFOLDER) or (
-            path.is_dir() and (path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith("task_"))
-        ):
+        if path.name in (
+            INDEX_FILE,
+            METRICS_FILE,
+            BACKBONE_SUBFOLDER,
+            SAMPLES_SUBFOLDER,
+            IMPORTANCE_FILE,
+            IMPORTANCE_PLOT,
+        ) or (path.is_dir() and (path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith("task_"))):
             names.append(path.name)
     return sorted(names)
 
 
-def build_model(args, config: dict, tasks: list[list[int]], upto_task: int, output_dir: Path) -> torch.nn.Module:
+def build_model(
+    args, config: dict, tasks: list[list[int]], upto_task: int, output_dir: Path, selected: list[str] | None = None
+) -> torch.nn.Module:
     """The PeftModel with adapters task_0..task_{upto_task}; finished tasks (< upto_task) come from `output_dir`."""
     index = None
     if upto_task == 0:
@@ -443,7 +492,7 @@ def build_model(args, config: dict, tasks: list[list[int]], upto_task: int, outp
             )
     model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name="task_0")
     for task in range(1, upto_task + 1):
-        model.add_adapter(f"task_{task}", adapter_config(args, tasks[task], task))
+        model.add_adapter(f"task_{task}", adapter_config(args, tasks[task], task, selected))
     for task in range(upto_task):
         entry = index.tasks[task]
         _, tensors = read_adapter(output_dir, entry, index)  # sha256 and class ids checked
@@ -524,12 +573,30 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     if not 0 <= start.task < len(tasks):
         raise CheckpointError(f"{checkpoint}: task {start.task} is not a task of this run ({len(tasks)} tasks).")
     metrics = check_finished_tasks(output_dir, tasks, start.task)
-    model = build_model(args, config, tasks, start.task, output_dir)
+    selected = None
+    if args.select_layers and start.task > 0:
+        importance = read_importance(output_dir)
+        if importance is None:
+            raise CheckpointError(
+                f"{output_dir / IMPORTANCE_FILE} is missing: the layers of tasks 1, 2, ... were chosen after task 0 "
+                "and saved there. Restore it, or start a new run with --overwrite_output_dir."
+            )
+        selected = importance["selected"]
+    model = build_model(args, config, tasks, start.task, output_dir, selected)
     ema_names = trainable_names(model, start.task) if args.use_ema else []
     if start.task == 0 and "backbone.safetensors" not in start.files:
         raise CheckpointError(f"{checkpoint} is incomplete: a task-0 checkpoint holds backbone.safetensors.")
     check_checkpoint_tensors(checkpoint, model, f"task_{start.task}", start.task == 0, ema_names)
-    return Run(data=data, tasks=tasks, model=model, key=key, start=start, checkpoint=checkpoint, metrics=metrics)
+    return Run(
+        data=data,
+        tasks=tasks,
+        model=model,
+        key=key,
+        start=start,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        selected=selected,
+    )
 
 
 def trainable_names(model: torch.nn.Module, task: int) -> list[str]:
@@ -647,7 +714,7 @@ def train_task(
     model, device, output_dir = run.model, accelerator.device, Path(args.output_dir)
     adapter_name = f"task_{task}"
     if adapter_name not in model.peft_config:
-        model.add_adapter(adapter_name, adapter_config(args, run.tasks[task], task))
+        model.add_adapter(adapter_name, adapter_config(args, run.tasks[task], task, run.selected))
         model.to(device)
     names = set_trainable(model, task)
     named = dict(model.named_parameters())
@@ -829,6 +896,66 @@ def write_task_outputs(
     )
 
 
+def select_layers(args: argparse.Namespace, accelerator: Accelerator, run: Run) -> list[str]:
+    """After task 0: score the convs, keep the most important ones for tasks 1, 2, ... (--select_layers).
+
+    The main process scores and writes importance.json and importance.png; every process then reads the selection
+    from that file, so all of them build the same adapters.
+    """
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        started = time.perf_counter()
+        model = run.model
+        if args.importance_source == "task0":
+            scores = compute_layer_importance(model, adapter_names=["task_0"])
+            detail = "task 0's adapters"
+        else:
+            dataset = task_dataset(run.data, run.tasks[1], split="train")
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=args.train_batch_size,
+                shuffle=True,
+                drop_last=len(dataset) > args.train_batch_size,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+            scores = probe_layer_importance(
+                model,
+                loader,
+                steps=args.importance_probe_steps,
+                function=args.function,
+                num_functions=args.num_functions,
+                class_ids=run.tasks[1],
+                learning_rate=args.adapter_learning_rate,
+                seed=args.seed,
+                target_modules=adapter_config(args, run.tasks[1], 1).target_modules,
+                device=accelerator.device,
+            )
+            detail = f"a probe adapter trained {args.importance_probe_steps} steps on task 1's classes {run.tasks[1]}"
+        selected = select_target_modules(scores, **parse_selection(args.select_layers))
+        write_json_atomic(
+            output_dir / IMPORTANCE_FILE,
+            {
+                "select_layers": args.select_layers,
+                "source": args.importance_source,
+                "detail": detail,
+                "scores": scores,
+                "selected": selected,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+        plot = output_dir / IMPORTANCE_PLOT
+        plot_layer_importance(
+            scores, plot.with_name(f".{plot.name}"), selected=selected, title=f"Layer importance ({detail})"
+        )
+        os.replace(plot.with_name(f".{plot.name}"), plot)
+        logger.info(
+            f"--select_layers {args.select_layers}: {len(selected)} of {len(scores)} convs from {detail} "
+            f"({time.perf_counter() - started:.1f}s): {selected}"
+        )
+    accelerator.wait_for_everyone()
+    return read_importance(output_dir)["selected"]
+
+
 def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to == "none" else args.report_to
@@ -887,6 +1014,8 @@ def main(args: argparse.Namespace) -> None:
     run.model.to(accelerator.device)
     global_step = run.start.global_step
     for task in range(run.start.task, len(run.tasks)):
+        if task > 0 and args.select_layers and run.selected is None:
+            run.selected = select_layers(args, accelerator, run)
         global_step, result = train_task(args, accelerator, run, hooks, task, global_step)
         if result is None:  # --interrupt_after_steps
             accelerator.end_training()

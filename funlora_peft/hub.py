@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, read_importance
 from .model_card import MODEL_CARD_FILE, build_model_card, read_metrics, sample_grid_path
 from .repository import (
     BACKBONE_SUBFOLDER,
@@ -147,6 +148,7 @@ def push_to_hub(
     api: Any = None,
     license: str | None = None,
     base_model: str | None = None,
+    include_backbone: bool | None = None,
 ) -> list:
     """Upload the run folder `output_dir` to the Hub model repo `repo_id`, one commit per task, in run order.
 
@@ -167,6 +169,8 @@ def push_to_hub(
         api: an `HfApi`-like object with `create_repo`, `create_branch` (used when `revision` is given) and
             `create_commit` (default `HfApi(token=token)`).
         license, base_model: model card metadata.
+        include_backbone: upload `backbone/` with the push's first commit. Default (None): when the push includes
+            the run's first task, so pushing `tasks=["task_3"]` to a repo that holds tasks 0..2 adds the task only.
 
     Returns:
         The `CommitInfo` of each commit, in order.
@@ -204,11 +208,15 @@ def push_to_hub(
         # create_commit only commits to an existing branch; a new one starts from the repo's main branch.
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model", token=token)
     metrics = read_metrics(folder)
+    importance = read_importance(folder)
     commits = []
+    if include_backbone is None:
+        include_backbone = entries[0].name == index.task_names[0]
     for number, task in enumerate(entries):
+        with_backbone = include_backbone and number == 0
         position = index.task_names.index(task.name)
         partial = _partial_index(index, position)
-        subfolders = ([index.backbone] if number == 0 else []) + [task.name]
+        subfolders = ([index.backbone] if with_backbone else []) + [task.name]
         operations = [
             CommitOperationAdd(path_in_repo=relpath, path_or_fileobj=str(folder / relpath))
             for sub in subfolders
@@ -217,14 +225,24 @@ def push_to_hub(
         grid = sample_grid_path(task) if (folder / sample_grid_path(task)).is_file() else None
         if grid is not None:
             operations.append(CommitOperationAdd(path_in_repo=grid, path_or_fileobj=str(folder / grid)))
+        # The layer selection (--select_layers) concerns the tasks after task 0: it travels from their commits on.
+        extras = [name for name in (IMPORTANCE_FILE, IMPORTANCE_PLOT) if position > 0 and (folder / name).is_file()]
+        operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in extras]
         card = build_model_card(
-            partial, repo_id=repo_id, metrics=metrics, sample_grid=grid, license=license, base_model=base_model
+            partial,
+            repo_id=repo_id,
+            metrics=metrics,
+            sample_grid=grid,
+            license=license,
+            base_model=base_model,
+            importance=importance if IMPORTANCE_FILE in extras else None,
+            importance_plot=IMPORTANCE_PLOT if IMPORTANCE_PLOT in extras else None,
         )
         operations += [
             CommitOperationAdd(path_in_repo=INDEX_FILE, path_or_fileobj=partial.to_json().encode()),
             CommitOperationAdd(path_in_repo=MODEL_CARD_FILE, path_or_fileobj=str(card).encode()),
         ]
-        message = f"Upload {task.name} (classes {task.class_ids})" + (" and backbone" if number == 0 else "")
+        message = f"Upload {task.name} (classes {task.class_ids})" + (" and backbone" if with_backbone else "")
         if commit_message:
             message = f"{commit_message}: {message}"
         commits.append(

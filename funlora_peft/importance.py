@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,8 @@ from .flow_matching import flow_matching_loss, make_flow_matching_batch, t_to_mo
 from .layer import FunLoRALayer
 
 PROBE_ADAPTER = "importance_probe"
+IMPORTANCE_FILE = "importance.json"  # in a run folder: the scores, how they were obtained and the selected layers
+IMPORTANCE_PLOT = "importance.png"
 
 # Prefixes PEFT puts in front of the base model's module names.
 _PEFT_PREFIXES = ("base_model.model.", "model.")
@@ -121,6 +124,45 @@ def select_target_modules(
     order = sorted(range(len(names)), key=lambda j: (-abs(scores[names[j]]) if largest else abs(scores[names[j]]), j))
     keep = set(order[:top_k])
     return [name for j, name in enumerate(names) if j in keep]
+
+
+def parse_selection(value: str, flag: str = "--select_layers") -> dict:
+    """`"top_k=15"` -> `{"top_k": 15}`, `"fraction=0.25"` -> `{"fraction": 0.25}`: `select_target_modules` kwargs."""
+    key, sep, number = str(value).partition("=")
+    key = key.strip()
+    try:
+        if sep and key == "top_k":
+            parsed = int(number)
+            if parsed >= 1:
+                return {"top_k": parsed}
+        elif sep and key == "fraction":
+            parsed = float(number)
+            if 0 < parsed <= 1:
+                return {"fraction": parsed}
+    except ValueError:
+        pass
+    raise ValueError(
+        f"{flag}={value!r} must be top_k=K with an integer K >= 1 (e.g. top_k=15) or fraction=F with 0 < F <= 1 "
+        "(e.g. fraction=0.25)."
+    )
+
+
+def read_importance(folder: str | Path) -> dict | None:
+    """The run folder's `importance.json` (scores, source, selected layers), or None when it has none."""
+    path = Path(folder) / IMPORTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it to select the layers again.") from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("scores"), dict)
+        or not isinstance(data.get("selected"), list)
+    ):
+        raise ValueError(f"{path} lacks its 'scores' or 'selected' entry; delete it to select the layers again.")
+    return data
 
 
 def random_target_modules(scores: dict[str, float] | Sequence[str], k: int, seed: int) -> list[str]:

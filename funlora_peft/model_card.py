@@ -19,6 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .importance import IMPORTANCE_PLOT, read_importance
 from .repository import RunIndex, TaskEntry, read_index
 
 MODEL_CARD_FILE = "README.md"
@@ -71,6 +72,8 @@ def build_model_card(
     sample_grid: str | None = None,
     license: str | None = None,
     base_model: str | None = None,
+    importance: dict | None = None,
+    importance_plot: str | None = None,
 ) -> ModelCard:
     """The card of a run whose index is `index` (only the tasks listed there are described).
 
@@ -81,6 +84,8 @@ def build_model_card(
             rows of tasks not in `index` are left out. No metrics section when None.
         sample_grid: path, relative to the repo root, of a sample grid PNG to show.
         license, base_model: card metadata, left out when None.
+        importance: contents of `importance.json` (layer scores and the layers tasks 1, 2, ... adapt), shown when
+            the index has more than one task; `importance_plot`: path of its bar plot.
 
     Example:
 
@@ -137,6 +142,22 @@ def build_model_card(
                 f"{_fmt(row.get('fd'), 3)} | {_fmt(row.get('train_seconds'), 1)} | "
                 f"{_fmt(row.get('extra_parameters_per_class'))} |"
             )
+    if importance is not None and len(index.tasks) > 1:
+        scores, selected = importance.get("scores") or {}, importance.get("selected") or []
+        lines += [
+            "",
+            "## Layer importance",
+            "",
+            f"Tasks after `task_0` adapt {len(selected)} of the {len(scores)} convs (`--select_layers "
+            f"{importance.get('select_layers')}`), those with the largest |I_l|, the mean rescaling F of the layer, "
+            f"scored from {importance.get('detail', importance.get('source'))}.",
+            "",
+            "| layer | I_l |",
+            "|---|---:|",
+        ]
+        lines += [f"| `{name}` | {scores.get(name, float('nan')):+.4f} |" for name in selected]
+        if importance_plot is not None:
+            lines += ["", f"![layer importance]({importance_plot})"]
     if sample_grid is not None:
         lines += ["", "## Samples", "", f"One row per class, after `{names[-1]}`:", "", f"![samples]({sample_grid})"]
 
@@ -201,6 +222,8 @@ def write_model_card(
         sample_grid=latest_sample_grid(folder, index),
         license=license,
         base_model=base_model,
+        importance=read_importance(folder),
+        importance_plot=IMPORTANCE_PLOT if (folder / IMPORTANCE_PLOT).is_file() else None,
     )
     path = folder / MODEL_CARD_FILE
     card.save(path)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import numpy as np
@@ -315,14 +316,20 @@ def test_push_some_tasks_adds_them_to_the_repo(tmp_path, run_source):
     push_to_hub(run_source, REPO, tasks=["task_0", "task_1"], api=fake)
     push_to_hub(run_source, REPO, tasks=["task_2"], api=fake)
     assert len(fake.commits) == 3
-    assert {p.split("/")[0] for p in fake.operations[2]} == {
-        "backbone",
-        "task_2",
-        "funlora.json",
-        "README.md",
-        "samples",
-    }
-    assert json.loads(fake.tree(REPO)["funlora.json"]) == json.loads((run_source / "funlora.json").read_text())
+    # the backbone went with task_0: a later push adds its task only
+    assert {p.split("/")[0] for p in fake.operations[2]} == {"task_2", "funlora.json", "README.md", "samples"}
+    assert fake.commits[2].commit_message == "Upload task_2 (classes [4])"
+    tree = fake.tree(REPO)
+    assert (
+        tree["backbone/diffusion_pytorch_model.safetensors"]
+        == (run_source / "backbone" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    assert json.loads(tree["funlora.json"]) == json.loads((run_source / "funlora.json").read_text())
+    # a repo started from a later task needs the backbone: include_backbone=True sends it
+    other = FakeHub(tmp_path / "cache2")
+    push_to_hub(run_source, REPO, tasks=["task_2"], api=other, include_backbone=True)
+    assert other.commits[0].commit_message == "Upload task_2 (classes [4]) and backbone"
+    assert any(p.startswith("backbone/") for p in other.operations[0])
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
@@ -407,3 +414,110 @@ def test_push_to_a_branch_and_load_from_it(tmp_path, monkeypatch, run_source):
     pipe = load(REPO, revision="more", cache_dir=fake.cache_dir)
     assert pipe.index.task_names == ["task_0", "task_1"] and pipe.class_ids == [0, 1, 2, 3]
     assert load(REPO, cache_dir=fake.cache_dir).class_ids == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training script's --push_to_hub, through the same fake Hub
+
+
+@pytest.fixture(scope="module")
+def pushed_training_run(tmp_path_factory):
+    """`examples/train.py --push_to_hub` (tiny, 2 tasks, --select_layers top_k=3), run in this process with the fake
+    Hub standing in for `huggingface_hub.HfApi`; built once for the tests below."""
+    from test_train import TINY, load_train_module
+
+    train = load_train_module()
+    root = tmp_path_factory.mktemp("train-push")
+    fake = FakeHub(root / "cache")
+    tokens = []
+
+    def hf_api(token=None, **kwargs):
+        tokens.append(token)
+        return fake
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub, "HfApi", hf_api)
+        argv = [*TINY, "--report_to", "none", "--output_dir", str(root / "run"), "--select_layers", "top_k=3"]
+        argv += ["--push_to_hub", "--hub_model_id", "someone/trained", "--hub_token", "hf_fake", "--hub_private_repo"]
+        train.main(train.parse_args(argv))
+    return SimpleNamespace(hub=fake, folder=root / "run", tokens=tokens)
+
+
+def test_train_script_pushes_one_commit_per_task_from_the_run_folder(pushed_training_run):
+    hub, folder = pushed_training_run.hub, pushed_training_run.folder
+    assert pushed_training_run.tokens == ["hf_fake", "hf_fake"] and hub.repos["someone/trained"]["private"] is True
+    assert [c.commit_message for c in hub.commits] == [
+        "Upload task_0 (classes [0, 1]) and backbone",
+        "Upload task_1 (classes [2, 3])",
+    ]
+    assert [any(p.startswith("backbone/") for p in ops) for ops in hub.operations] == [True, False]
+    # the layer selection travels with the tasks it concerns
+    assert "importance.json" not in hub.operations[0] and {"importance.json", "importance.png"} <= set(
+        hub.operations[1]
+    )
+    final = hub.tree("someone/trained")
+    for path, data in final.items():
+        if path not in ("README.md", "funlora.json"):
+            assert data == (folder / path).read_bytes(), path
+    assert json.loads(final["funlora.json"]) == json.loads((folder / "funlora.json").read_text())
+    card = ModelCard(final["README.md"].decode())
+    assert card.data.library_name == "funlora-peft"
+    assert "## Layer importance" in card.text and "![layer importance](importance.png)" in card.text
+    assert "| `task_1` |" in card.text and "![samples](samples/after_task_1.png)" in card.text
+
+
+def test_train_script_push_loads_back_from_the_hub_with_the_same_samples(pushed_training_run, monkeypatch):
+    hub = pushed_training_run.hub
+    hub.install(monkeypatch)
+    pipe = load("someone/trained", tasks=["task_1"], cache_dir=hub.cache_dir)
+    assert pipe.class_ids == [2, 3]
+    assert not any(path.startswith("task_0/") for path in hub.requested_files())
+    local = load(pushed_training_run.folder)
+    assert torch.equal(sample(pipe, [3, 2, 3]), sample(local, [3, 2, 3]))
+
+
+def test_train_script_select_layers_adapts_only_the_chosen_convs_after_task_0(pushed_training_run):
+    folder = pushed_training_run.folder
+    importance = json.loads((folder / "importance.json").read_text())
+    assert importance["source"] == "probe" and importance["select_layers"] == "top_k=3"
+    scores, selected = importance["scores"], importance["selected"]
+    assert len(selected) == 3 and len(scores) > 10
+    assert selected == [n for n in scores if n in selected]  # U-Net order
+    assert min(abs(scores[n]) for n in selected) >= max(abs(v) for n, v in scores.items() if n not in selected)
+    from safetensors.torch import load_file
+
+    def adapted(task):
+        keys = load_file(folder / task / "adapter_model.safetensors")
+        return {k.split(".funlora_")[0].removeprefix("base_model.model.") for k in keys}
+
+    assert adapted("task_1") == set(selected)
+    assert adapted("task_0") == set(scores)  # task 0 adapts every conv
+    assert json.loads((folder / "task_1" / "adapter_config.json").read_text())["target_modules"] == selected
+    metrics = json.loads((folder / "metrics.json").read_text())
+    per_class = [row["extra_parameters_per_class"] for row in metrics["tasks"]]
+    assert per_class[1] < per_class[0] / 5
+    assert (folder / "importance.png").stat().st_size > 5000
+
+
+def test_train_script_resumes_a_selected_run_with_the_same_selection(pushed_training_run, tmp_path):
+    from test_train import TINY, load_train_module
+
+    train = load_train_module()
+    out = tmp_path / "run"
+    argv = [*TINY, "--report_to", "none", "--output_dir", str(out), "--select_layers", "top_k=3"]
+    train.main(train.parse_args([*argv, "--interrupt_after_steps", "8"]))  # stopped in task 1 (checkpoint-6)
+    assert (out / "importance.json").is_file() and not (out / "task_1").exists()
+    saved = (out / "importance.json").read_bytes()
+    moved = tmp_path / "importance.json"
+    (out / "importance.json").rename(moved)
+    with pytest.raises(SystemExit, match=r"importance.json is missing: the layers of tasks 1, 2, \.\.\. were chosen"):
+        train.main(train.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    moved.rename(out / "importance.json")
+    train.main(train.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert (out / "importance.json").read_bytes() == saved
+    from safetensors.torch import load_file
+
+    for task in ("task_0", "task_1"):
+        resumed = load_file(out / task / "adapter_model.safetensors")
+        reference = load_file(pushed_training_run.folder / task / "adapter_model.safetensors")
+        assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -355,8 +355,21 @@ def imagefolder(tmp_path_factory):
         (["--block_out_channels", "16,30"], "do not divide by --norm_num_groups"),
         (["--function", "sine"], "Unknown `function`"),
         (["--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint folder"),
+        (["--select_layers", "top=3"], r"--select_layers='top=3' must be top_k=K .* or fraction=F"),
+        (["--select_layers", "fraction=1.5"], r"--select_layers='fraction=1.5' must be"),
+        (["--importance_probe_steps", "0"], r"--importance_probe_steps must be >= 1, got 0"),
     ],
-    ids=["unknown-dataset", "class-order", "layout", "unet-width", "function", "missing-checkpoint"],
+    ids=[
+        "unknown-dataset",
+        "class-order",
+        "layout",
+        "unet-width",
+        "function",
+        "missing-checkpoint",
+        "select-layers",
+        "select-fraction",
+        "probe-steps",
+    ],
 )
 def test_bad_input_is_refused_before_anything_is_written(train_module, tmp_path, argv, message):
     out = tmp_path / "out"
