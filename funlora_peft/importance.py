@@ -53,7 +53,7 @@ def _unet_name(name: str) -> str:
 
 
 def compute_layer_importance(model: nn.Module, adapter_names: Sequence[str] | None = None) -> dict[str, float]:
-    """I_l of every conv that has FunLoRA tensors, in module (U-Net) order.
+    """I_l of every conv that has FunLoRA tensors, in U-Net order.
 
     Args:
         model: a model with FunLoRA layers (the `PeftModel` from `get_peft_model`, or its base model).
@@ -61,8 +61,9 @@ def compute_layer_importance(model: nn.Module, adapter_names: Sequence[str] | No
             none of them adapts is absent from the result.
 
     Returns:
-        `{module name inside the base model: I_l}`, e.g. `{"down_blocks.0.resnets.0.conv1": 0.031, ...}`; the names
-        can be passed as `FunLoRAConfig.target_modules`. Each class counts once, whatever its adapter.
+        `{module name inside the base model: I_l}` in U-Net order (`unet_order`), e.g.
+        `{"down_blocks.0.resnets.0.conv1": 0.031, ...}`; the names can be passed as `FunLoRAConfig.target_modules`.
+        Each class counts once, whatever its adapter.
     """
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, FunLoRALayer)]
     if not layers:
@@ -88,7 +89,20 @@ def compute_layer_importance(model: nn.Module, adapter_names: Sequence[str] | No
             # Mean over (o, i) per class, then mean over all classes of those adapters.
             per_class = torch.cat([module.functional_matrix(a).double().mean(dim=(1, 2)) for a in names])
             scores[_unet_name(name)] = per_class.mean().item()
-    return scores
+    return {name: scores[name] for name in unet_order(scores)}
+
+
+_PART_RANK = {"in": 0, "down": 1, "mid": 2, "up": 3, "out": 4}
+
+
+def unet_order(names: Iterable[str]) -> list[str]:
+    """Module names in the U-Net's data-flow order: conv_in, down blocks, mid block, up blocks, conv_out.
+
+    `UNet2DModel` registers `mid_block` after `up_blocks`, so its module order is not the data-flow order; within a
+    part the module order is kept.
+    """
+    names = list(names)
+    return sorted(names, key=lambda name: _PART_RANK.get(block_of(name), len(_PART_RANK)))
 
 
 def select_target_modules(

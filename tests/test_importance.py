@@ -20,7 +20,10 @@ from funlora_peft.importance import (
 
 
 def conv_names(unet) -> list[str]:
-    return [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    """The convs in U-Net (data-flow) order: UNet2DModel registers mid_block after up_blocks."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    parts = ["conv_in", "down_blocks", "mid_block", "up_blocks", "conv_out"]
+    return sorted(names, key=lambda n: [n.startswith(p) for p in parts].index(True))
 
 
 def trained_like(model, seed=0):
@@ -166,6 +169,8 @@ def test_plot_marks_the_unet_parts(tmp_path):
     unet = make_unet("attn")
     names = conv_names(unet)
     assert [block_of(n) for n in (names[0], names[-1])] == ["in", "out"]
+    parts = [block_of(n) for n in names]
+    assert parts == sorted(parts, key=["in", "down", "mid", "up", "out"].index)  # the data-flow order
     assert {block_of(n) for n in names} == {"in", "down", "mid", "up", "out"}
     scores = {n: (j - 5) / 10 for j, n in enumerate(names)}
     path = tmp_path / "importance.png"
