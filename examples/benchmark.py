@@ -1,0 +1,966 @@
+"""Benchmark: FunLoRA against the alternatives a user would pick, on the same protocol, budget and seeds.
+
+Every method trains the same `UNet2DModel` widths with the same conditional flow-matching loss
+(`funlora_peft.flow_matching`) on the same class-incremental task layout, with the same batch size, the same number of
+optimisation steps per task and the same per-step batches (`funlora_peft.training.step_generator`), and is scored the
+same way (`funlora_peft.evaluation`):
+
+1. `joint`: a class-embedding UNet (`num_class_embeds`) trained once on all classes, the upper bound. Its step budget
+   is the total of the continual runs: first_task_steps + (tasks - 1) * task_steps.
+2. `finetune`: the class-embedding UNet fine-tuned on each task's data only (catastrophic forgetting).
+3. `replay`: generative replay (DGR-style). Before task k >= 1 the previous model generates a pool of samples of every
+   old class (as many per class as a new class has real training images, unless --replay_samples_per_class); task k
+   trains on its real data plus that pool. The generation time is counted in its training time.
+4. `lora1`, `lora4`: PEFT's own LoRA (`peft.LoraConfig`, rank 1 and 4, lora_alpha = rank) on the same convs FunLoRA
+   adapts, one adapter per class. Task 0 trains the backbone with its classes' adapters (as FunLoRA does), later tasks
+   only their new classes' adapters. PEFT refuses mixed-class `adapter_names` in training mode, so a training batch
+   is split into per-class sub-batches (`set_adapter` per class, losses weighted by sub-batch size and summed: the
+   same mean loss over the same images); sampling a mixed-class batch uses `adapter_names=`.
+5. `funlora-linear`, `funlora-cos`, `funlora-rshift`, `funlora-power`: FunLoRA on every conv (p = 10; 1 for linear),
+   trained as `examples/train.py` does: backbone (lr --learning_rate) and task 0's adapter (lr
+   --adapter_learning_rate) together in task 0, then only each new task's adapter. `funlora-cos-top15`: the same,
+   but tasks >= 1 adapt only the --top_k convs that `funlora_peft.importance` ranks highest from task 0's adapter.
+
+Commands (from the repository root). The default is the embedded digits at their native 8x8, 5 tasks of 2 classes,
+a 2-level UNet (block_out_channels 32,64), 150 steps on task 0 and 60 on every later task at batch 64, 3 seeds, 2
+worker processes of one torch thread each; `--quick` is one seed with a smaller budget (a few minutes):
+
+```bash
+python examples/benchmark.py --output_dir docs/benchmark
+python examples/benchmark.py --quick --output_dir runs/benchmark-quick
+python examples/benchmark.py --methods funlora-cos,finetune --seeds 0 --output_dir runs/bench-two
+python examples/benchmark.py --dataset_name uoft-cs/cifar100 --image_column img --label_column fine_label \
+    --resolution 32 --classes_per_task 20 --block_out_channels 64,128,128 --first_task_steps 5000 --task_steps 1000
+```
+
+Outputs in --output_dir: `results.md` (one markdown table, a row per method), `results.json` (the settings, every
+run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after each task, one line per method).
+
+Metrics (per run, then mean +- sample std over seeds): final CAS and average incremental CAS (the mean of the CAS
+after each task; `evaluate_stage`), forgetting (`AccuracyMatrix.forgetting` of the per-task recognition accuracy of
+the fixed real-data classifier, as in `examples/train.py`), the Frechet distance in that classifier's feature space
+after the last task, extra parameters per class (FunLoRA and LoRA: adapter tensors of a class of tasks >= 1;
+class-embedding UNets: the class's row of the embedding table, time_embed_dim scalars), training time (all tasks,
+generation for replay included), the time to sample 100 images of mixed classes with NFE Euler steps, and the peak
+memory (CPU: the peak resident set size of the process that ran the job, one fresh process per job; GPU:
+`torch.cuda.max_memory_allocated`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig, get_peft_model
+
+from funlora_peft import FunLoRAConfig
+from funlora_peft.data import load_image_classification_data, make_task_layout, task_dataset
+from funlora_peft.evaluation import (
+    AccuracyMatrix,
+    SmallClassifier,
+    evaluate_stage,
+    generate_per_class,
+    predict,
+    train_classifier,
+)
+from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
+from funlora_peft.training import (
+    ADAPTER_PREFIX,
+    adapter_parameter_count,
+    draw_training_batch,
+    step_generator,
+    tensor_sha256,
+)
+
+try:  # the layer-importance criterion (method.md §4) may not be part of this version of the package
+    from funlora_peft.importance import compute_layer_importance, select_target_modules
+except ImportError:
+    compute_layer_importance = select_target_modules = None
+
+RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
+SAMPLING_IMAGES = 100
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked method: its command-line key, its table row name and how it is built."""
+
+    key: str
+    name: str
+    kind: str  # "joint", "finetune", "replay", "lora", "funlora"
+    rank: int = 0
+    function: str = ""
+    num_functions: int = 10
+    top_k: bool = False
+
+
+METHODS = {
+    m.key: m
+    for m in (
+        Method("joint", "joint training (upper bound)", "joint"),
+        Method("finetune", "fine-tuning", "finetune"),
+        Method("replay", "generative replay", "replay"),
+        Method("lora1", "PEFT LoRA r=1", "lora", rank=1),
+        Method("lora4", "PEFT LoRA r=4", "lora", rank=4),
+        Method("funlora-linear", "FunLoRA linear", "funlora", function="linear", num_functions=1),
+        Method("funlora-cos", "FunLoRA cos", "funlora", function="cos"),
+        Method("funlora-rshift", "FunLoRA rshift", "funlora", function="rshift"),
+        Method("funlora-power", "FunLoRA power", "funlora", function="power"),
+        Method("funlora-cos-top15", "FunLoRA cos (top-15 layers)", "funlora", function="cos", top_k=True),
+    )
+}
+# The quick mode's smaller budget; flags given explicitly still win.
+QUICK_DEFAULTS = dict(
+    seeds="0", first_task_steps=40, task_steps=15, eval_samples_per_class=20, classifier_epochs=5, lr_warmup_steps=5
+)
+
+
+def row_name(method: Method, args: argparse.Namespace) -> str:
+    """The method's row in the table (the top-k row names the --top_k it was run with)."""
+    return method.name.replace("top-15", f"top-{args.top_k}") if method.top_k else method.name
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark FunLoRA against joint training, fine-tuning, generative replay and PEFT LoRA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"A few minutes: one seed and a smaller budget ({QUICK_DEFAULTS}); explicit flags still win.",
+    )
+    parser.add_argument("--output_dir", type=str, default="runs/benchmark", help="Folder of the result files.")
+    parser.add_argument(
+        "--methods",
+        type=str,
+        default="all",
+        help=f"Comma-separated methods to run, or 'all': {list(METHODS)}. funlora-cos-top15 needs "
+        "funlora_peft.importance; 'all' skips it (with a note in the table) when that module is missing.",
+    )
+    parser.add_argument("--seeds", type=str, default="0,1,2", help="Comma-separated seeds; every method runs each.")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=2,
+        help="Worker processes running (method, seed) jobs in parallel, one fresh process per job. 0 runs the jobs "
+        "in this process (then the peak memory is this process's peak so far).",
+    )
+    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads per job.")
+    # Data and task layout, as examples/train.py
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="None or 'digits' (embedded), a Hugging Face Hub dataset name or a local imagefolder directory.",
+    )
+    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images (Hub datasets).")
+    parser.add_argument("--label_column", type=str, default="label", help="Column holding the class labels.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Cache directory of the `datasets` library.")
+    parser.add_argument("--resolution", type=int, default=8, help="Images are resized to resolution x resolution.")
+    parser.add_argument("--classes_per_task", type=int, default=2, help="Classes per task.")
+    parser.add_argument("--first_task_classes", type=int, default=None, help="Classes in task 0 (default: as others).")
+    parser.add_argument(
+        "--class_order", type=str, default=None, help="'sorted' (default), 'shuffle' or a list of ids like '3,1,2,0'."
+    )
+    # UNet
+    parser.add_argument("--block_out_channels", type=str, default="32,64", help="Channels of each UNet level.")
+    parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per UNet block.")
+    parser.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; must divide every width.")
+    parser.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
+    # Budget, shared by every method
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
+    parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
+    parser.add_argument("--task_steps", type=int, default=60, help="Optimisation steps of every later task.")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of every UNet's weights.")
+    parser.add_argument(
+        "--adapter_learning_rate", type=float, default=1e-1, help="Learning rate of the FunLoRA adapters."
+    )
+    parser.add_argument("--lora_learning_rate", type=float, default=1e-2, help="Learning rate of the LoRA adapters.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=20, help="Warmup steps of every task's cosine decay.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
+    parser.add_argument(
+        "--replay_samples_per_class",
+        type=int,
+        default=None,
+        help="Generated samples per old class in generative replay (default: as many as a class has real training "
+        "images, so that the replay pool is class-balanced).",
+    )
+    parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
+    # Evaluation
+    parser.add_argument("--num_inference_steps", type=int, default=10, help="Euler steps (NFE) of every sampler.")
+    parser.add_argument("--eval_samples_per_class", type=int, default=50, help="Generated samples per class (CAS).")
+    parser.add_argument(
+        "--classifier_epochs", type=int, default=15, help="Epochs of the real-data and CAS classifiers."
+    )
+    args = parser.parse_args(input_args)
+    if args.quick:
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(input_args)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _int_list(flag: str, value: str, example: str) -> list[int]:
+    try:
+        return [int(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={value!r} must be a comma-separated list of integers, e.g. {example}.") from None
+
+
+def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
+    """The methods to run and notes on those left out (funlora-cos-top15 without `funlora_peft.importance`)."""
+    notes = []
+    if args.methods == "all":
+        keys = list(METHODS)
+    else:
+        keys = [key.strip() for key in args.methods.split(",") if key.strip()]
+        unknown = [key for key in keys if key not in METHODS]
+        if unknown or not keys:
+            raise ValueError(
+                f"--methods={args.methods!r}: unknown method(s) {unknown}; pass 'all' or a comma-separated subset of "
+                f"{list(METHODS)}."
+            )
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"--methods={args.methods!r} names a method twice; list each method once.")
+    if "funlora-cos-top15" in keys and compute_layer_importance is None:
+        if args.methods != "all":
+            raise ValueError(
+                f"--methods={args.methods!r}: funlora-cos-top15 needs funlora_peft.importance, which this version of "
+                "the package lacks; leave it out."
+            )
+        keys.remove("funlora-cos-top15")
+        notes.append(f"{METHODS['funlora-cos-top15'].name}: not run, `funlora_peft.importance` is not available.")
+    return [METHODS[key] for key in keys], notes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot work, naming the flag, its value and the fix."""
+    for flag in (
+        "resolution",
+        "classes_per_task",
+        "layers_per_block",
+        "norm_num_groups",
+        "attention_head_dim",
+        "train_batch_size",
+        "first_task_steps",
+        "task_steps",
+        "num_inference_steps",
+        "classifier_epochs",
+        "num_threads",
+        "top_k",
+    ):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ValueError(f"--{flag}={value} must be >= 1.")
+    if args.eval_samples_per_class < 2:
+        raise ValueError(
+            f"--eval_samples_per_class={args.eval_samples_per_class} must be >= 2: the Frechet distance needs a "
+            "covariance."
+        )
+    if args.num_workers < 0:
+        raise ValueError(f"--num_workers={args.num_workers} must be >= 0 (0 runs the jobs in this process).")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps} must be >= 0.")
+    if args.replay_samples_per_class is not None and args.replay_samples_per_class < 1:
+        raise ValueError(
+            f"--replay_samples_per_class={args.replay_samples_per_class} must be >= 1, or left unset for a "
+            "class-balanced replay pool."
+        )
+    seeds = _int_list("--seeds", args.seeds, "0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds={args.seeds!r} must list distinct non-negative integers, e.g. 0,1,2.")
+    channels = _int_list("--block_out_channels", args.block_out_channels, "32,64,64")
+    bad = [c for c in channels if c < 1 or c % args.norm_num_groups]
+    if bad:
+        raise ValueError(
+            f"--block_out_channels={args.block_out_channels}: widths {bad} do not divide by --norm_num_groups="
+            f"{args.norm_num_groups}; pick widths that are multiples of it."
+        )
+    if args.resolution % 2 ** (len(channels) - 1):
+        raise ValueError(
+            f"--resolution={args.resolution} must divide by 2^(levels - 1) = {2 ** (len(channels) - 1)} for "
+            f"{len(channels)} UNet levels; change --resolution or --block_out_channels."
+        )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder.")
+    selected_methods(args)
+
+
+def load_data(args: argparse.Namespace):
+    data = load_image_classification_data(
+        args.dataset_name,
+        resolution=args.resolution,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        cache_dir=args.cache_dir,
+    )
+    tasks = make_task_layout(
+        data.class_ids,
+        classes_per_task=args.classes_per_task,
+        first_task_classes=args.first_task_classes,
+        class_order=args.class_order,
+        seed=0,
+    )
+    if len(tasks) < 2:
+        raise ValueError(
+            f"--classes_per_task={args.classes_per_task} leaves a single task for the {data.num_classes} classes of "
+            f"{data.name!r}: a continual benchmark needs at least 2 tasks; lower --classes_per_task."
+        )
+    return data, tasks
+
+
+def unet_config(args: argparse.Namespace, num_channels: int) -> dict:
+    """Keyword arguments of the UNet2DModel shared by every method (self-attention at the lowest resolution)."""
+    channels = _int_list("--block_out_channels", args.block_out_channels, "32,64,64")
+    last = len(channels) - 1
+    return dict(
+        sample_size=args.resolution,
+        in_channels=num_channels,
+        out_channels=num_channels,
+        block_out_channels=tuple(channels),
+        layers_per_block=args.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if i == last else "DownBlock2D" for i in range(len(channels))),
+        up_block_types=tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(len(channels))),
+        norm_num_groups=args.norm_num_groups,
+        attention_head_dim=args.attention_head_dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The learners: one class per family, all behind the same small interface
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Learner:
+    """A class-conditional velocity model trained task by task.
+
+    `begin_task(k)` prepares task k and returns the optimizer's parameter groups; `loss(x_t, t, velocity, labels)`
+    is the flow-matching loss of a batch; `velocity(x_t, t, labels)` evaluates the model (no grad, eval mode) on a
+    batch that may mix classes; `sample_single_class` draws samples of one class, as evaluated.
+    """
+
+    model: torch.nn.Module
+
+    def __init__(self, args: argparse.Namespace, config: dict, tasks: list[list[int]], seed: int, device) -> None:
+        self.args, self.config, self.tasks, self.seed, self.device = args, config, tasks, seed, device
+
+    def begin_task(self, task: int) -> list[dict]:
+        raise NotImplementedError
+
+    def end_task(self, task: int) -> None:
+        pass
+
+    def loss(self, x_t, t, velocity, labels) -> torch.Tensor:
+        prediction = self.model(x_t, t_to_model_timestep(t), class_labels=labels).sample
+        return flow_matching_loss(prediction, velocity)
+
+    def velocity(self, x_t, t, labels) -> torch.Tensor:
+        return self.model(x_t, t_to_model_timestep(t), class_labels=labels).sample
+
+    def sample_single_class(self, class_id: int, x_0: torch.Tensor) -> torch.Tensor:
+        labels = torch.full((x_0.shape[0],), class_id, device=self.device)
+        return sample_ode(lambda x, t: self.velocity(x, t, labels), x_0, self.args.num_inference_steps)
+
+    def extra_parameters_per_class(self) -> float:
+        raise NotImplementedError
+
+
+def _seeded_unet(config: dict, seed: int, **extra) -> UNet2DModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**config, **extra)
+
+
+def conv_names(model: torch.nn.Module) -> list[str]:
+    """Module names of every nn.Conv2d: the layers FunLoRA adapts by default, and LoRA's target_modules here."""
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+
+
+class ClassEmbeddingLearner(Learner):
+    """A UNet2DModel with a class-embedding table (`num_class_embeds`); every weight trains in every task."""
+
+    def __init__(self, args, config, tasks, seed, device, num_labels: int) -> None:
+        super().__init__(args, config, tasks, seed, device)
+        self.model = _seeded_unet(config, seed, num_class_embeds=num_labels).to(device)
+
+    def begin_task(self, task: int) -> list[dict]:
+        self.model.train()
+        return [{"params": list(self.model.parameters()), "lr": self.args.learning_rate}]
+
+    def extra_parameters_per_class(self) -> float:
+        return float(self.model.class_embedding.weight.shape[1])
+
+
+class FunLoRALearner(Learner):
+    """FunLoRA as examples/train.py trains it: one adapter per task, backbone trained in task 0 only."""
+
+    def __init__(self, args, config, tasks, seed, device, method: Method) -> None:
+        super().__init__(args, config, tasks, seed, device)
+        self.method = method
+        self.target_modules: list[str] | None = None  # None: every conv
+        self.importance: dict | None = None
+        self.model = get_peft_model(_seeded_unet(config, seed), self.adapter_config(0), adapter_name="task_0")
+        self.model.to(device)
+
+    def adapter_config(self, task: int) -> FunLoRAConfig:
+        return FunLoRAConfig(
+            class_ids=list(self.tasks[task]),
+            function=self.method.function,
+            num_functions=self.method.num_functions,
+            target_modules=self.target_modules,
+            init_seed=self.seed * 1000 + task,
+        )
+
+    def begin_task(self, task: int) -> list[dict]:
+        if f"task_{task}" not in self.model.peft_config:
+            self.model.add_adapter(f"task_{task}", self.adapter_config(task))
+            self.model.to(self.device)
+        self.model.set_adapter(f"task_{task}")
+        suffix = f".task_{task}"
+        adapter, backbone = [], []
+        for name, param in self.model.named_parameters():
+            if ADAPTER_PREFIX in name:
+                param.requires_grad_(name.endswith(suffix))
+                if name.endswith(suffix):
+                    adapter.append(param)
+            else:
+                param.requires_grad_(task == 0)
+                if task == 0:
+                    backbone.append(param)
+        self.model.train()
+        groups = [{"params": adapter, "lr": self.args.adapter_learning_rate}]
+        if backbone:
+            groups.insert(0, {"params": backbone, "lr": self.args.learning_rate})
+        return groups
+
+    def end_task(self, task: int) -> None:
+        if task == 0 and self.method.top_k:
+            # Rank the convs by task 0's adapter (method.md §4); later tasks adapt only the top-k.
+            self.importance = compute_layer_importance(self.model)
+            top_k = min(self.args.top_k, len(self.importance))
+            self.target_modules = list(select_target_modules(self.importance, top_k=top_k))
+
+    def sample_single_class(self, class_id: int, x_0: torch.Tensor) -> torch.Tensor:
+        # As FunLoRAPipeline does: W_y written into the convs for a single-class batch, W0 restored bit-exactly.
+        tuner = self.model.base_model
+        tuner.merge_adapter(class_label=class_id)
+        try:
+            return super().sample_single_class(class_id, x_0)
+        finally:
+            tuner.unmerge_adapter()
+
+    def extra_parameters_per_class(self) -> float:
+        counts = [adapter_parameter_count(self.model, f"task_{k}") / len(c) for k, c in enumerate(self.tasks) if k]
+        return sum(counts) / len(counts)
+
+
+class LoRALearner(Learner):
+    """PEFT's LoRA on the same convs, one adapter `class_{c}` per class."""
+
+    def __init__(self, args, config, tasks, seed, device, rank: int) -> None:
+        super().__init__(args, config, tasks, seed, device)
+        self.rank = rank
+        unet = _seeded_unet(config, seed)
+        self.targets = conv_names(unet)
+        first = tasks[0][0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + first)
+            self.model = get_peft_model(unet, self.lora_config(), adapter_name=f"class_{first}").to(device)
+        self.trainable: list[torch.nn.Parameter] = []
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets, lora_dropout=0.0)
+
+    def begin_task(self, task: int) -> list[dict]:
+        for class_id in self.tasks[task]:
+            if f"class_{class_id}" not in self.model.peft_config:
+                # LoRA's A is random: a per-class seed makes it independent of what ran before.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed * 1000 + class_id)
+                    self.model.add_adapter(f"class_{class_id}", self.lora_config())
+        self.model.to(self.device)
+        suffixes = tuple(f".class_{c}.weight" for c in self.tasks[task]) + tuple(
+            f".class_{c}.bias" for c in self.tasks[task]
+        )
+        adapter, backbone = [], []
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                if name.endswith(suffixes):
+                    adapter.append(param)
+            elif task == 0:
+                backbone.append(param)
+        self.trainable = adapter + backbone
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.model.train()
+        groups = [{"params": adapter, "lr": self.args.lora_learning_rate}]
+        if backbone:
+            groups.insert(0, {"params": backbone, "lr": self.args.learning_rate})
+        return groups
+
+    def _activate(self, class_id: int) -> None:
+        # PEFT's set_adapter flips requires_grad of the LoRA tensors; what trains this task is set again after it.
+        self.model.base_model.set_adapter(f"class_{class_id}")
+        for param in self.trainable:
+            param.requires_grad_(True)
+
+    def loss(self, x_t, t, velocity, labels) -> torch.Tensor:
+        # adapter_names raises in training mode: one sub-batch per class, weighted so the sum is the batch mean.
+        total = 0.0
+        for class_id in labels.unique().tolist():
+            mask = labels == class_id
+            self._activate(class_id)
+            prediction = self.model(x_t[mask], t_to_model_timestep(t[mask])).sample
+            total = total + flow_matching_loss(prediction, velocity[mask]) * (mask.sum() / labels.numel())
+        return total
+
+    def velocity(self, x_t, t, labels) -> torch.Tensor:
+        names = [f"class_{c}" for c in labels.tolist()]
+        return self.model(x_t, t_to_model_timestep(t), adapter_names=names).sample
+
+    def sample_single_class(self, class_id: int, x_0: torch.Tensor) -> torch.Tensor:
+        self.model.base_model.set_adapter(f"class_{class_id}")
+        return sample_ode(
+            lambda x, t: self.model(x, t_to_model_timestep(t)).sample, x_0, self.args.num_inference_steps
+        )
+
+    def extra_parameters_per_class(self) -> float:
+        new = [c for task in self.tasks[1:] for c in task]
+        counts = []
+        for class_id in new:
+            suffixes = (f".class_{class_id}.weight", f".class_{class_id}.bias")
+            counts.append(
+                sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n and n.endswith(suffixes))
+            )
+        return sum(counts) / len(counts)
+
+
+def make_learner(method: Method, args, config, tasks, seed, device, num_labels: int) -> Learner:
+    if method.kind in ("joint", "finetune", "replay"):
+        return ClassEmbeddingLearner(args, config, tasks, seed, device, num_labels)
+    if method.kind == "lora":
+        return LoRALearner(args, config, tasks, seed, device, method.rank)
+    return FunLoRALearner(args, config, tasks, seed, device, method)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One (method, seed) job
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_steps(learner: Learner, groups: list[dict], images, labels, num_steps: int, seed: int, task: int, args):
+    """`num_steps` AdamW steps (cosine decay after a warmup) on batches drawn from `images`; returns seconds."""
+    device = learner.device
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    lr_scheduler = get_scheduler(
+        "cosine",
+        optimizer=optimizer,
+        num_warmup_steps=min(args.lr_warmup_steps, num_steps // 2),
+        num_training_steps=num_steps,
+    )
+    params = [p for group in groups for p in group["params"]]
+    started = time.perf_counter()
+    for step in range(num_steps):
+        # The same (seed, task, step) draws the same batch indices, noise and times for every method.
+        batch = draw_training_batch(images, labels, args.train_batch_size, step_generator(seed, task, step))
+        loss = learner.loss(
+            batch.x_t.to(device), batch.t.to(device), batch.velocity.to(device), batch.class_labels.to(device)
+        )
+        loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def sample_fn_of(learner: Learner, data) -> Callable:
+    """A `funlora_peft.evaluation.SampleFn`: single-class batches, noise from the class's generator on CPU."""
+    shape = (data.num_channels, data.resolution, data.resolution)
+
+    @torch.no_grad()
+    def sample_fn(class_id: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        learner.model.eval()
+        x_0 = torch.randn(num_samples, *shape, generator=generator).to(learner.device)
+        return learner.sample_single_class(class_id, x_0).clamp(-1, 1).cpu()
+
+    return sample_fn
+
+
+@torch.no_grad()
+def time_sampling(learner: Learner, data, class_ids: list[int], seed: int) -> float:
+    """Seconds to sample SAMPLING_IMAGES images in ONE batch that cycles through `class_ids`."""
+    learner.model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    x_0 = torch.randn(SAMPLING_IMAGES, data.num_channels, data.resolution, data.resolution, generator=generator)
+    labels = torch.tensor([class_ids[i % len(class_ids)] for i in range(SAMPLING_IMAGES)], device=learner.device)
+    x_0 = x_0.to(learner.device)
+    if learner.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    sample_ode(lambda x, t: learner.velocity(x, t, labels), x_0, learner.args.num_inference_steps)
+    if learner.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_state: dict) -> dict:
+    """Train and evaluate one method with one seed; returns its metrics (JSON-serialisable)."""
+    torch.set_num_threads(args.num_threads)
+    method = METHODS[method_key]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    data, tasks = load_data(args)
+    num_labels = len(data.class_names)
+    classifier = SmallClassifier(data.num_channels, num_labels, data.resolution)
+    classifier.load_state_dict(classifier_state)
+    classifier.eval()
+    config = unet_config(args, data.num_channels)
+    learner = make_learner(method, args, config, tasks, seed, device, num_labels)
+    sample_fn = sample_fn_of(learner, data)
+
+    def evaluate(upto: int) -> dict:
+        seen_tasks = tasks[: upto + 1]
+        seen = [c for task in seen_tasks for c in task]
+        started = time.perf_counter()
+        images, labels = generate_per_class(sample_fn, seen, args.eval_samples_per_class, seed=seed)
+        stage = evaluate_stage(
+            classifier,
+            data.test_images,
+            data.test_labels,
+            seen_tasks,
+            images,
+            labels,
+            num_classes=num_labels,
+            seed=seed,
+            epochs=args.classifier_epochs,
+            augment=True,
+        )
+        return {
+            "task": upto,
+            "cas": stage.cas,
+            "cas_per_task": stage.cas_per_task,
+            "recognition": stage.recognition,
+            "accuracy_per_task": stage.recognition_per_task,
+            "fd": stage.fd,
+            "eval_seconds": time.perf_counter() - started,
+            "samples_sha256": {str(c): tensor_sha256(images[labels == c]) for c in seen},
+        }
+
+    stages, train_seconds, generation_seconds = [], [], 0.0
+    if method.kind == "joint":
+        images, labels = data.train_images, data.train_labels
+        keep = torch.isin(labels, torch.tensor([c for task in tasks for c in task]))
+        groups = learner.begin_task(0)
+        steps = args.first_task_steps + (len(tasks) - 1) * args.task_steps
+        train_seconds.append(train_steps(learner, groups, images[keep], labels[keep], steps, seed, 0, args))
+        stages.append(evaluate(len(tasks) - 1))
+    else:
+        for task in range(len(tasks)):
+            images, labels = task_dataset(data, tasks[task], split="train").tensors
+            seconds = 0.0
+            if method.kind == "replay" and task > 0:
+                # The previous model generates the old classes once, before the task; this counts as training time.
+                started = time.perf_counter()
+                old = [c for done in tasks[:task] for c in done]
+                per_class = args.replay_samples_per_class or round(images.shape[0] / len(tasks[task]))
+                replay_x, replay_y = generate_per_class(
+                    sample_fn, old, per_class, seed=1_000_000 + seed * 1000 + task, batch_size=256
+                )
+                images, labels = torch.cat([images, replay_x]), torch.cat([labels, replay_y.long()])
+                seconds = time.perf_counter() - started
+                generation_seconds += seconds
+            groups = learner.begin_task(task)
+            steps = args.first_task_steps if task == 0 else args.task_steps
+            seconds += train_steps(learner, groups, images, labels, steps, seed, task, args)
+            learner.end_task(task)
+            train_seconds.append(seconds)
+            stages.append(evaluate(task))
+
+    all_classes = [c for task in tasks for c in task]
+    sampling_seconds = time_sampling(learner, data, all_classes, seed)
+    result = {
+        "method": method_key,
+        "name": row_name(method, args),
+        "seed": seed,
+        "stages": stages,
+        "final_cas": stages[-1]["cas"],
+        "average_incremental_cas": None,
+        "forgetting": None,
+        "old_samples_identical": None,
+        "fd": stages[-1]["fd"],
+        "extra_parameters_per_class": learner.extra_parameters_per_class(),
+        "train_seconds": sum(train_seconds),
+        "train_seconds_per_task": train_seconds,
+        "generation_seconds": generation_seconds,
+        "train_steps": args.first_task_steps + (len(tasks) - 1) * args.task_steps,
+        "sampling_seconds": sampling_seconds,
+        "sampling_images": SAMPLING_IMAGES,
+        "nfe": num_function_evaluations(args.num_inference_steps, "euler"),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": str(device),
+    }
+    if method.kind != "joint":
+        matrix = AccuracyMatrix()
+        for stage in stages:
+            matrix.append(stage["accuracy_per_task"])
+        result.update(
+            average_incremental_cas=sum(stage["cas"] for stage in stages) / len(stages),
+            forgetting=matrix.forgetting(),
+            accuracy_matrix=matrix.rows,
+            old_samples_identical=all(
+                later["samples_sha256"][c] == digest
+                for earlier, later in zip(stages, stages[1:])
+                for c, digest in earlier["samples_sha256"].items()
+            ),
+        )
+    if method.top_k:
+        result["target_modules_after_task_0"] = learner.target_modules
+        result["layer_importance"] = {k: float(v) for k, v in learner.importance.items()}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Summary, table and plot
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {"seeds": [run["seed"] for run in runs]}
+    for key in (
+        "final_cas",
+        "average_incremental_cas",
+        "forgetting",
+        "fd",
+        "extra_parameters_per_class",
+        "train_seconds",
+        "sampling_seconds",
+        "peak_memory_mb",
+    ):
+        values = [run[key] for run in runs]
+        summary[key] = None if None in values else dict(zip(("mean", "std"), _mean_std(values)))
+    summary["nfe"] = runs[0]["nfe"]
+    identical = [run["old_samples_identical"] for run in runs]
+    summary["old_samples_identical"] = None if None in identical else all(identical)
+    num_stages = len(runs[0]["stages"])
+    summary["cas_after_task"] = [
+        dict(zip(("mean", "std"), _mean_std([run["stages"][k]["cas"] for run in runs]))) for k in range(num_stages)
+    ]
+    summary["task_of_stage"] = [stage["task"] for stage in runs[0]["stages"]]
+    return summary
+
+
+def _pm(entry: dict | None, digits: int = 3) -> str:
+    if entry is None:
+        return "n/a"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def results_table(args, methods: list[Method], summaries: dict, info: dict, notes: list[str]) -> str:
+    seeds = _int_list("--seeds", args.seeds, "0,1,2")
+    lines = [
+        f"Class-incremental {info['dataset']} at {args.resolution}x{args.resolution}: {info['num_tasks']} tasks "
+        f"({info['task_layout']}); UNet2DModel block_out_channels ({args.block_out_channels}), layers_per_block "
+        f"{args.layers_per_block}; {len(seeds)} seed(s) {seeds}; mean ± std over seeds.",
+        f"Equal budget: every continual method takes {args.first_task_steps} steps on task 0 and {args.task_steps} "
+        f"steps on each later task ({info['total_steps']} steps), joint training takes {info['total_steps']} steps "
+        f"on all classes; batch {args.train_batch_size} images per step for all, with the same per-step batch "
+        "indices, noise and flow times.",
+        f"CAS: a classifier trained on {args.eval_samples_per_class} generated samples per seen class "
+        f"({args.classifier_epochs} epochs), tested on the real test images; a classifier trained on real data "
+        f"reaches {info['real_data_accuracy']:.3f}. Forgetting: of the fixed real-data classifier's per-task "
+        "recognition accuracy. FD: Frechet distance in that classifier's feature space after the last task.",
+        "Extra parameters per class: adapter scalars of a class of tasks >= 1 (FunLoRA, LoRA); the class's "
+        "embedding row (time_embed_dim) for the class-embedding UNets. Training time: all tasks, generation of the "
+        f"replay pools included. Sampling: {SAMPLING_IMAGES} images of mixed classes in one batch, Euler. Peak "
+        f"memory: {info['memory_method']}. Machine: {info['machine']}.",
+        "",
+        "| method | final CAS | average incremental CAS | forgetting | FD | extra parameters per class | "
+        f"training time (s) | sampling {SAMPLING_IMAGES} images (s, NFE) | peak memory (MB) |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for method in methods:
+        s = summaries[row_name(method, args)]
+        lines.append(
+            f"| {row_name(method, args)} | {_pm(s['final_cas'])} | {_pm(s['average_incremental_cas'])} | "
+            f"{_pm(s['forgetting'])} | {_pm(s['fd'], 2)} | {s['extra_parameters_per_class']['mean']:,.0f} | "
+            f"{s['train_seconds']['mean']:.1f} | {s['sampling_seconds']['mean']:.2f} ({s['nfe']}) | "
+            f"{s['peak_memory_mb']['mean']:.0f} |"
+        )
+    for note in notes:
+        lines.append(f"\n{note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cas(path: Path, names: list[str], summaries: dict, num_tasks: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        s = summaries[name]
+        x = s["task_of_stage"]
+        mean = [e["mean"] for e in s["cas_after_task"]]
+        std = [e["std"] for e in s["cas_after_task"]]
+        if len(x) == 1:  # joint training: one point, after all classes
+            line = axes.axhline(mean[0], linestyle="--", linewidth=1, label=name)
+            axes.errorbar(x, mean, yerr=std, fmt="o", color=line.get_color(), capsize=3)
+        else:
+            axes.errorbar(x, mean, yerr=std, marker="o", markersize=3, capsize=2, label=name)
+    axes.set_xticks(range(num_tasks))
+    axes.set_xlabel("after task")
+    axes.set_ylabel("CAS (all classes seen so far)")
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def machine_description(args: argparse.Namespace) -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {max(args.num_workers, 1)} worker process(es)"
+    return (
+        f"{os.cpu_count()} CPU cores, {max(args.num_workers, 1)} worker process(es) of {args.num_threads} torch "
+        "thread(s), no GPU"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    try:
+        check_args(args)
+        methods, notes = selected_methods(args)
+        data, tasks = load_data(args)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"benchmark.py: error: {error}") from None
+    torch.set_num_threads(args.num_threads)
+    seeds = _int_list("--seeds", args.seeds, "0,1,2")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    num_labels = len(data.class_names)
+
+    # One fixed real-data classifier per seed, shared by every method (recognition accuracy, forgetting, FD).
+    classifiers, real_accuracy = {}, {}
+    layout = [c for task in tasks for c in task]
+    keep = torch.isin(data.test_labels, torch.tensor(layout))
+    for seed in seeds:
+        classifier = train_classifier(
+            data.train_images,
+            data.train_labels,
+            num_classes=num_labels,
+            epochs=args.classifier_epochs,
+            seed=seed,
+            augment=True,
+        )
+        classifiers[seed] = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
+        predictions = predict(classifier, data.test_images[keep], class_ids=layout)
+        real_accuracy[seed] = (predictions == data.test_labels[keep]).double().mean().item()
+    print(f"real-data classifier accuracy: {real_accuracy}", flush=True)
+
+    # Longest jobs first, so that the two workers finish together.
+    cost = {"lora": 0, "replay": 1, "funlora": 2, "finetune": 3, "joint": 3}
+    jobs = sorted(((m.key, seed) for m in methods for seed in seeds), key=lambda job: cost[METHODS[job[0]].kind])
+    runs: dict[str, list[dict]] = {row_name(m, args): [] for m in methods}
+
+    def record(result: dict) -> None:
+        runs[result["name"]].append(result)
+        print(
+            f"{result['name']} seed {result['seed']}: final CAS {result['final_cas']:.3f}, forgetting "
+            f"{result['forgetting']}, train {result['train_seconds']:.1f}s "
+            f"({time.perf_counter() - started:.0f}s elapsed)",
+            flush=True,
+        )
+
+    if args.num_workers == 0:
+        for key, seed in jobs:
+            record(run_job(args, key, seed, classifiers[seed]))
+    else:
+        import multiprocessing
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.num_threads))
+        context = multiprocessing.get_context("spawn")
+        # One fresh process per job: its peak resident set size is that job's alone.
+        with ProcessPoolExecutor(args.num_workers, mp_context=context, max_tasks_per_child=1) as pool:
+            futures = [pool.submit(run_job, args, key, seed, classifiers[seed]) for key, seed in jobs]
+            for future in as_completed(futures):
+                record(future.result())
+
+    summaries = {}
+    for name, method_runs in runs.items():
+        runs[name] = sorted(method_runs, key=lambda run: run["seed"])
+        summaries[name] = summarize(runs[name])
+    wall_seconds = time.perf_counter() - started
+    device_is_cuda = torch.cuda.is_available()
+    info = {
+        "dataset": data.name,
+        "num_tasks": len(tasks),
+        "task_layout": ", ".join("{" + ", ".join(map(str, task)) + "}" for task in tasks),
+        "total_steps": args.first_task_steps + (len(tasks) - 1) * args.task_steps,
+        "real_data_accuracy": statistics.fmean(real_accuracy.values()),
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if device_is_cuda
+        else "peak resident set size (ru_maxrss) of the job's process, libraries included",
+        "machine": machine_description(args),
+    }
+    table = results_table(args, methods, summaries, info, notes)
+    (output_dir / RESULTS_MD).write_text(table)
+    plot_cas(output_dir / PLOT_FILE, list(runs), summaries, len(tasks))
+    results = {
+        "command": "python examples/benchmark.py " + " ".join(sys.argv[1:]) if sys.argv else None,
+        "settings": {k: v for k, v in vars(args).items()},
+        "task_layout": tasks,
+        "real_data_accuracy": {str(k): v for k, v in real_accuracy.items()},
+        "wall_seconds": wall_seconds,
+        "info": info,
+        "notes": notes,
+        "summaries": summaries,
+        "runs": runs,
+    }
+    (output_dir / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+    written = ", ".join(str(output_dir / name) for name in (RESULTS_MD, RESULTS_JSON, PLOT_FILE))
+    print(f"wrote {written} in {wall_seconds:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
