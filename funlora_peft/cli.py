@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -83,16 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    """Paste equally sized images into one picture: `rows[i][j]` at row i, column j."""
-    width, height = rows[0][0].size
-    grid = Image.new(rows[0][0].mode, (width * max(len(r) for r in rows), height * len(rows)))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * width, i * height))
-    return grid
-
-
 def _index_of(source: str, args: argparse.Namespace):
     from .hub import download_index
     from .repository import read_index
@@ -106,6 +94,7 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .pipeline import FunLoRAPipeline
+    from .training import make_image_grid
 
     if args.out.suffix.lower() != ".png":
         parser.error(f"--out must name a .png file, got {str(args.out)!r}.")
@@ -127,11 +116,15 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         rows.append(
             pipe(
-                class_labels=[class_id] * args.num_samples, num_inference_steps=args.steps, generator=generator
+                class_labels=[class_id] * args.num_samples,
+                num_inference_steps=args.steps,
+                generator=generator,
+                output_type="pt",
             ).images
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows).save(args.out, format="PNG")
+    # Images side by side, one row per class, at their own size (no padding, no enlarging).
+    make_image_grid(torch.cat(rows), rows=len(rows), padding=0, scale=1).save(args.out, format="PNG")
     print(args.out)
     return 0
 
