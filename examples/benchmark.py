@@ -22,7 +22,7 @@ same way (`funlora_peft.evaluation`):
    but tasks >= 1 adapt only the --top_k convs that `funlora_peft.importance` ranks highest from task 0's adapter.
 
 Commands (from the repository root). The default is the embedded digits at their native 8x8, 5 tasks of 2 classes,
-a 2-level UNet (block_out_channels 32,64), 150 steps on task 0 and 60 on every later task at batch 64, 3 seeds, 2
+a 2-level UNet (block_out_channels 32,64), 80 steps on task 0 and 30 on every later task at batch 64, 3 seeds, 2
 worker processes of one torch thread each; `--quick` is one seed with a smaller budget (a few minutes):
 
 ```bash
@@ -123,7 +123,7 @@ METHODS = {
 }
 # The quick mode's smaller budget; flags given explicitly still win.
 QUICK_DEFAULTS = dict(
-    seeds="0", first_task_steps=40, task_steps=15, eval_samples_per_class=20, classifier_epochs=5, lr_warmup_steps=5
+    seeds="0", first_task_steps=30, task_steps=10, eval_samples_per_class=16, classifier_epochs=5, lr_warmup_steps=5
 )
 
 
@@ -182,8 +182,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
     # Budget, shared by every method
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
-    parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
-    parser.add_argument("--task_steps", type=int, default=60, help="Optimisation steps of every later task.")
+    parser.add_argument("--first_task_steps", type=int, default=80, help="Optimisation steps of task 0.")
+    parser.add_argument("--task_steps", type=int, default=30, help="Optimisation steps of every later task.")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of every UNet's weights.")
     parser.add_argument(
         "--adapter_learning_rate", type=float, default=1e-1, help="Learning rate of the FunLoRA adapters."
@@ -201,7 +201,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
     # Evaluation
     parser.add_argument("--num_inference_steps", type=int, default=10, help="Euler steps (NFE) of every sampler.")
-    parser.add_argument("--eval_samples_per_class", type=int, default=50, help="Generated samples per class (CAS).")
+    parser.add_argument("--eval_samples_per_class", type=int, default=40, help="Generated samples per class (CAS).")
     parser.add_argument(
         "--classifier_epochs", type=int, default=15, help="Epochs of the real-data and CAS classifiers."
     )

@@ -1,0 +1,169 @@
+"""examples/benchmark.py: every method end to end on a tiny configuration, and refused bad input.
+
+The run uses an 8x8 digits UNet with 2 levels, 2 tasks of 2 classes, one seed and a few steps, in this process
+(`--num_workers 0`); what is checked is the plumbing and the guarantees that hold at any budget (FunLoRA's and LoRA's
+zero forgetting with bit-identical old samples, the equal step budget), not the quality of the samples.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK_SCRIPT = ROOT / "examples" / "benchmark.py"
+
+TINY = [
+    "--resolution", "8",
+    "--block_out_channels", "16,32",
+    "--norm_num_groups", "8",
+    "--class_order", "0,1,2,3",
+    "--classes_per_task", "2",
+    "--first_task_steps", "4",
+    "--task_steps", "3",
+    "--train_batch_size", "8",
+    "--lr_warmup_steps", "1",
+    "--eval_samples_per_class", "4",
+    "--num_inference_steps", "2",
+    "--classifier_epochs", "1",
+    "--replay_samples_per_class", "3",
+    "--top_k", "5",
+    "--seeds", "0",
+    "--num_workers", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(benchmark, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("benchmark")
+    results = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(output_dir)]))
+    return output_dir, results
+
+
+def _expected_rows(benchmark) -> list[str]:
+    args = benchmark.parse_args(TINY)
+    methods, _ = benchmark.selected_methods(args)
+    return [benchmark.row_name(method, args) for method in methods]
+
+
+@pytest.mark.slow
+def test_writes_every_file_and_every_row(benchmark, tiny_run):
+    output_dir, results = tiny_run
+    for name in ("results.md", "results.json", "accuracy_per_task.png"):
+        assert (output_dir / name).stat().st_size > 0, name
+    assert (output_dir / "accuracy_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (output_dir / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    names = [row.split("|")[1].strip() for row in rows]
+    expected = _expected_rows(benchmark)
+    assert names == expected
+    # The issue's methods are all there (the top-k row when funlora_peft.importance exists).
+    for name in (
+        "joint training (upper bound)",
+        "fine-tuning",
+        "generative replay",
+        "PEFT LoRA r=1",
+        "PEFT LoRA r=4",
+        "FunLoRA linear",
+        "FunLoRA cos",
+        "FunLoRA rshift",
+        "FunLoRA power",
+    ):
+        assert name in names
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    for column in ("final CAS", "average incremental CAS", "forgetting", "FD", "extra parameters per class"):
+        assert column in header
+    assert all(row.count("|") == header.count("|") for row in rows)
+    on_disk = json.loads((output_dir / "results.json").read_text())
+    assert sorted(on_disk["summaries"]) == sorted(expected)
+    assert on_disk["task_layout"] == [[0, 1], [2, 3]] == results["task_layout"]
+
+
+@pytest.mark.slow
+def test_funlora_and_lora_never_forget(tiny_run):
+    _, results = tiny_run
+    for name, runs in results["runs"].items():
+        if name.startswith(("FunLoRA", "PEFT LoRA")):
+            (run,) = runs
+            # Old classes' samples are bit-identical after every later task, so forgetting is exactly 0.
+            assert run["old_samples_identical"] is True, name
+            assert run["forgetting"] == 0.0, name
+            assert run["accuracy_matrix"][0][0] == run["accuracy_matrix"][1][0], name
+            assert results["summaries"][name]["forgetting"] == {"mean": 0.0, "std": 0.0}
+
+
+@pytest.mark.slow
+def test_class_embedding_baselines_change_old_samples(tiny_run):
+    _, results = tiny_run
+    # Fine-tuning and replay update every weight: an old class's samples cannot stay bit-identical.
+    for name in ("fine-tuning", "generative replay"):
+        (run,) = results["runs"][name]
+        assert run["old_samples_identical"] is False
+        assert run["forgetting"] is not None and math.isfinite(run["forgetting"])
+    (joint,) = results["runs"]["joint training (upper bound)"]
+    assert joint["forgetting"] is None and len(joint["stages"]) == 1 and joint["stages"][0]["task"] == 1
+
+
+@pytest.mark.slow
+def test_equal_budget_and_costs(tiny_run):
+    _, results = tiny_run
+    runs = [run for method_runs in results["runs"].values() for run in method_runs]
+    assert {run["train_steps"] for run in runs} == {4 + 3}
+    assert {run["nfe"] for run in runs} == {2}
+    for run in runs:
+        assert 0.0 <= run["final_cas"] <= 1.0
+        assert run["train_seconds"] > 0 and run["sampling_seconds"] > 0 and run["peak_memory_mb"] > 0
+    (replay,) = results["runs"]["generative replay"]
+    assert 0 < replay["generation_seconds"] < replay["train_seconds"]
+    per_class = {name: runs[0]["extra_parameters_per_class"] for name, runs in results["runs"].items()}
+    assert per_class["fine-tuning"] == 4 * 16  # time_embed_dim = 4 * block_out_channels[0]
+    assert per_class["FunLoRA linear"] < per_class["FunLoRA cos"] < per_class["PEFT LoRA r=1"]
+    assert per_class["PEFT LoRA r=1"] < per_class["PEFT LoRA r=4"]
+    top = [name for name in per_class if "top-" in name]
+    for name in top:
+        # Tasks >= 1 adapt only the top-k convs: fewer parameters per new class than on every conv.
+        assert per_class[name] < per_class["FunLoRA cos"]
+        assert len(results["runs"][name][0]["target_modules_after_task_0"]) == 5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--methods", "funlora-cos,dgr"], r"--methods='funlora-cos,dgr': unknown method\(s\) \['dgr'\]; pass 'all'"),
+        (["--seeds", "0,x"], r"--seeds='0,x' must be a comma-separated list of integers, e.g. 0,1,2"),
+        (["--seeds", "1,1"], r"--seeds='1,1' must list distinct non-negative integers"),
+        (["--task_steps", "0"], r"--task_steps=0 must be >= 1"),
+        (["--num_workers", "-1"], r"--num_workers=-1 must be >= 0 \(0 runs the jobs in this process\)"),
+        (["--eval_samples_per_class", "1"], r"--eval_samples_per_class=1 must be >= 2: the Frechet distance"),
+        (
+            ["--block_out_channels", "16,30"],
+            r"--block_out_channels=16,30: widths \[30\] do not divide by --norm_num_groups=8; pick widths",
+        ),
+        (["--classes_per_task", "4"], r"--classes_per_task=4 leaves a single task .* lower --classes_per_task"),
+        (["--replay_samples_per_class", "0"], r"--replay_samples_per_class=0 must be >= 1, or left unset"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(benchmark, tmp_path, flags, message):
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit, match=f"benchmark.py: error: {message}"):
+        benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(output_dir), *flags]))
+    assert not output_dir.exists()
+
+
+def test_quick_mode_lowers_the_budget_but_explicit_flags_win(benchmark):
+    quick = benchmark.parse_args(["--quick"])
+    default = benchmark.parse_args([])
+    assert quick.first_task_steps < default.first_task_steps and quick.seeds == "0"
+    assert benchmark.parse_args(["--quick", "--seeds", "3,4"]).seeds == "3,4"
