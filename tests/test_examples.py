@@ -12,14 +12,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from test_hub import REPO, hub, run_source  # noqa: F401  (fixtures: a fake Hub holding a pushed 3-task run)
 from test_pipeline import make_run
+
+from funlora_peft import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SCRIPT = ROOT / "examples" / "sample.py"
@@ -27,11 +31,19 @@ DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
 MARKER = re.compile(r"<!-- test: (run|skip, [^>]+?) -->\n```bash\n(.*?)\n```", re.S)
 
 
+def load_script(path: Path):
+    """Import an example script as a module (registered first: its dataclasses look their module up)."""
+    name = f"funlora_example_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def load_sample_script():
-    spec = importlib.util.spec_from_file_location("funlora_example_sample", SAMPLE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SAMPLE_SCRIPT)
 
 
 def grid_size(rows: int, cols: int, side: int = 8, scale: int = 4) -> tuple[int, int]:
@@ -131,6 +143,39 @@ def test_every_documented_command_is_marked():
     blocks = documented_blocks()
     assert {name for name, _, _ in blocks} == {str(doc.relative_to(ROOT)) for doc in DOCS}
     assert any(marker == "run" for _, marker, _ in blocks)
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file, argv) of every command of every marked block: continuation lines joined, comments dropped, `&&` split."""
+    commands = []
+    for name, _, block in documented_blocks():
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv:
+                    commands.append((name, argv))
+    return commands
+
+
+def test_every_documented_script_command_parses():
+    """The slow commands are not run, but their flags must exist: each is parsed by its script's own parser."""
+    parsed = set()
+    for name, argv in documented_commands():
+        scripts = [i for i, token in enumerate(argv) if re.fullmatch(r"examples/\w+\.py", token)]
+        if scripts and "cuda" in argv and not torch.cuda.is_available():
+            continue  # a GPU command: its parser checks that the device exists
+        if scripts:
+            script = argv[scripts[0]]
+            module = load_script(ROOT / script)
+            try:
+                module.parse_args(argv[scripts[0] + 1 :])
+            except SystemExit as error:
+                raise AssertionError(f"{name}: {' '.join(argv)} does not parse ({error})") from None
+            parsed.add(script)
+        elif argv[0] == "funlora":
+            cli.build_parser().parse_args(argv[1:])
+            parsed.add("funlora")
+    assert {"examples/train.py", "examples/sample.py", "examples/benchmark_adapter.py", "funlora"} <= parsed
 
 
 @pytest.mark.slow
