@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--keep_runs", action="store_true", help="Keep every run folder (default: only the results and task 0)."
     )
+    parser.add_argument(
+        "--report_only", action="store_true", help="Rewrite results.md from --output_dir's results.json; no training."
+    )
     args, train_argv = parser.parse_known_args(argv)
     if args.fixed_seeds is None:
         args.fixed_seeds = args.seeds
@@ -139,6 +142,12 @@ def write_outputs(train, folder: Path, run, upto_task: int) -> None:
 
 def main() -> None:
     args, train_argv = parse_args()
+    if args.report_only:
+        data = json.loads((Path(args.output_dir) / "results.json").read_text())
+        report = summarise(data["runs"], data["importance"], data["task_layout"], data.get("seconds"), None)
+        (Path(args.output_dir) / "results.md").write_text(report)
+        print(report)
+        return
     train = load_training_script()
     torch.set_num_threads(1)
     output_dir = Path(args.output_dir)
@@ -236,9 +245,9 @@ def main() -> None:
             shutil.rmtree(checkpoint)
         if not args.keep_runs:
             shutil.rmtree(folder)
-        (output_dir / "results.json").write_text(
-            json.dumps({"importance": importance, "task_layout": run.tasks, "runs": results}, indent=1)
-        )
+        data = {"importance": importance, "task_layout": run.tasks, "runs": results}
+        data.update(seconds=round(time.perf_counter() - started, 1), task0_seconds=round(task0_seconds, 1))
+        (output_dir / "results.json").write_text(json.dumps(data, indent=1))
 
     report = summarise(results, importance, run.tasks, time.perf_counter() - started, task0_seconds)
     (output_dir / "results.md").write_text(report)
@@ -251,7 +260,19 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
-def summarise(results: list[dict], importance: dict, tasks, seconds: float, task0_seconds: float) -> str:
+def resolution_level(name: str, num_levels: int) -> int:
+    """0 for the convs working at the input resolution (conv_in, down_blocks.0, the last up block, conv_out), up to
+    num_levels - 1 for the deepest (the last down block, the mid block, up_blocks.0)."""
+    part = block_of(name)
+    if part in ("in", "out"):
+        return 0
+    if part == "mid":
+        return num_levels - 1
+    index = int(name.split(".")[1])
+    return index if part == "down" else num_levels - 1 - index
+
+
+def summarise(results: list[dict], importance: dict, tasks, seconds: float | None, task0_seconds: float | None) -> str:
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in results:
         groups.setdefault((r["strategy"], r["k"]), []).append(r)
@@ -261,8 +282,9 @@ def summarise(results: list[dict], importance: dict, tasks, seconds: float, task
         f"Layer-importance ablation: task layout {tasks}; tasks 1-{len(tasks) - 1} adapt the listed convs, task 0 "
         f"adapts all {len(names)}. Scores from {importance['detail']}. CAS and recognition over all "
         f"{sum(len(t) for t in tasks)} classes after the last task, mean +- std over seeds "
-        f"{sorted({r['seed'] for r in results})}. Total {seconds / 60:.1f} min (task 0 and scores "
-        f"{task0_seconds:.0f} s).",
+        f"{sorted({r['seed'] for r in results})}"
+        + (f". Total {seconds / 60:.1f} min" if seconds else "")
+        + (f" (task 0 and scores {task0_seconds:.0f} s)." if task0_seconds else "."),
         "",
         "| convs adapted by tasks 1+ | k | CAS | recognition | FD | extra parameters per class | train s (tasks 1+) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -279,6 +301,22 @@ def summarise(results: list[dict], importance: dict, tasks, seconds: float, task
     for title, part in (("most important", ranked[:5]), ("least important", ranked[-5:][::-1])):
         lines.append(
             f"- {title}: " + "; ".join(f"#{j} {block_of(names[j])} `{names[j]}` {scores[names[j]]:+.4f}" for j in part)
+        )
+    num_levels = 1 + max(int(n.split(".")[1]) for n in names if block_of(n) == "down")
+    levels = [resolution_level(n, num_levels) for n in names]
+    top10, bottom10 = ranked[:10], ranked[-10:]
+    lines += [
+        "",
+        "Convs per resolution level (0 = the input resolution: conv_in, down_blocks.0, the last up block, "
+        f"conv_out; {num_levels - 1} = the deepest):",
+        "",
+        "| level | convs | among the 10 most important | among the 10 least important |",
+        "|---:|---:|---:|---:|",
+    ]
+    for level in range(num_levels):
+        lines.append(
+            f"| {level} | {levels.count(level)} | {sum(levels[j] == level for j in top10)} | "
+            f"{sum(levels[j] == level for j in bottom10)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -214,6 +214,7 @@ def test_layer_ablation_script_compares_the_conv_sets(tmp_path):
     assert all(0.0 <= r["cas"] <= 1.0 for r in runs.values())
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| top | 2 |" in report and f"| all | {n} |" in report and "least important" in report
+    assert "| level | convs | among the 10 most important | among the 10 least important |" in report
     assert (tmp_path / "out" / "importance.png").stat().st_size > 5000
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "importance.png",
