@@ -294,7 +294,8 @@ def summarise(results: list[dict], importance: dict, tasks, seconds: float | Non
         lines.append(
             f"| {strategy} | {k} | {_mean_std([r['cas'] for r in rows])} | "
             f"{_mean_std([r['recognition'] for r in rows])} | {_mean_std([r['fd'] for r in rows])} | "
-            f"{rows[0]['extra_parameters_per_class']:,} | {statistics.mean(r['train_seconds'] for r in rows):.0f} |"
+            f"{round(statistics.mean(r['extra_parameters_per_class'] for r in rows)):,} | "
+            f"{statistics.mean(r['train_seconds'] for r in rows):.0f} |"
         )
     ranked = sorted(range(len(names)), key=lambda j: -abs(scores[names[j]]))
     lines += ["", "Convs by |I_l| (index in U-Net order, part, name, I_l):", ""]
