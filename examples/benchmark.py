@@ -829,16 +829,17 @@ def plot_cas(path: Path, names: list[str], summaries: dict, num_tasks: int) -> N
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        s = summaries[name]
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    for i, name in enumerate(names):
+        s, color = summaries[name], colors[i % len(colors)]
         x = s["task_of_stage"]
         mean = [e["mean"] for e in s["cas_after_task"]]
         std = [e["std"] for e in s["cas_after_task"]]
         if len(x) == 1:  # joint training: one point, after all classes
-            line = axes.axhline(mean[0], linestyle="--", linewidth=1, label=name)
-            axes.errorbar(x, mean, yerr=std, fmt="o", color=line.get_color(), capsize=3)
+            axes.axhline(mean[0], linestyle="--", linewidth=1, color=color, label=name)
+            axes.errorbar(x, mean, yerr=std, fmt="o", color=color, capsize=3)
         else:
-            axes.errorbar(x, mean, yerr=std, marker="o", markersize=3, capsize=2, label=name)
+            axes.errorbar(x, mean, yerr=std, marker="o", markersize=3, capsize=2, color=color, label=name)
     axes.set_xticks(range(num_tasks))
     axes.set_xlabel("after task")
     axes.set_ylabel("CAS (all classes seen so far)")
