@@ -76,6 +76,7 @@ from funlora_peft.evaluation import (
     train_classifier,
 )
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
+from funlora_peft.importance import compute_layer_importance, select_target_modules
 from funlora_peft.training import (
     ADAPTER_PREFIX,
     adapter_parameter_count,
@@ -83,11 +84,6 @@ from funlora_peft.training import (
     step_generator,
     tensor_sha256,
 )
-
-try:  # the layer-importance criterion (method.md §4) may not be part of this version of the package
-    from funlora_peft.importance import compute_layer_importance, select_target_modules
-except ImportError:
-    compute_layer_importance = select_target_modules = None
 
 RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
 SAMPLING_IMAGES = 100
@@ -147,8 +143,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         type=str,
         default="all",
-        help=f"Comma-separated methods to run, or 'all': {list(METHODS)}. funlora-cos-top15 needs "
-        "funlora_peft.importance; 'all' skips it (with a note in the table) when that module is missing.",
+        help=f"Comma-separated methods to run, or 'all': {list(METHODS)}.",
     )
     parser.add_argument("--seeds", type=str, default="0,1,2", help="Comma-separated seeds; every method runs each.")
     parser.add_argument(
@@ -225,7 +220,7 @@ def _int_list(flag: str, value: str, example: str) -> list[int]:
 
 
 def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
-    """The methods to run and notes on those left out (funlora-cos-top15 without `funlora_peft.importance`)."""
+    """The methods to run, and notes for the table (none so far)."""
     notes = []
     if args.methods == "all":
         keys = list(METHODS)
@@ -239,14 +234,6 @@ def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]
             )
         if len(set(keys)) != len(keys):
             raise ValueError(f"--methods={args.methods!r} names a method twice; list each method once.")
-    if "funlora-cos-top15" in keys and compute_layer_importance is None:
-        if args.methods != "all":
-            raise ValueError(
-                f"--methods={args.methods!r}: funlora-cos-top15 needs funlora_peft.importance, which this version of "
-                "the package lacks; leave it out."
-            )
-        keys.remove("funlora-cos-top15")
-        notes.append(f"{METHODS['funlora-cos-top15'].name}: not run, `funlora_peft.importance` is not available.")
     return [METHODS[key] for key in keys], notes
 
 

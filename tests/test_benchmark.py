@@ -69,7 +69,7 @@ def test_writes_every_file_and_every_row(benchmark, tiny_run):
     names = [row.split("|")[1].strip() for row in rows]
     expected = _expected_rows(benchmark)
     assert names == expected
-    # The methods are all there (the top-k row when funlora_peft.importance exists).
+    # Every method of the comparison is there, the top-k layer selection included.
     for name in (
         "joint training (upper bound)",
         "fine-tuning",
