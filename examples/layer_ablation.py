@@ -46,7 +46,7 @@ from funlora_peft.importance import (
 from funlora_peft.repository import INDEX_FILE, TaskEntry, write_index
 from funlora_peft.training import (
     CHECKPOINT_PREFIX,
-    CheckpointHooks,
+    Checkpointer,
     TrainingState,
     adapter_parameter_count,
     save_adapter,
@@ -153,7 +153,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available() or None)
-    hooks = CheckpointHooks(accelerator)
+    hooks = Checkpointer(accelerator)
     started = time.perf_counter()
 
     # Task 0, once: the training script's own preparation, training and outputs.

@@ -92,8 +92,12 @@ from funlora_peft.repository import (
 from funlora_peft.training import (
     ADAPTER_PREFIX,
     CHECKPOINT_PREFIX,
+    CKPT_ADAPTER_FILE,
+    CKPT_OPTIMIZER_JSON,
+    CKPT_OPTIMIZER_TENSORS,
+    CKPT_SCHEDULER_JSON,
+    Checkpointer,
     CheckpointError,
-    CheckpointHooks,
     TrainingState,
     adapter_parameter_count,
     check_checkpoint_tensors,
@@ -269,8 +273,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Continue from a checkpoint: 'latest' or a checkpoint-N folder (name in --output_dir, or path). Flags "
-        "that shape training must equal those of the run that wrote it. The optimizer and scheduler states are "
-        "pickles read by accelerate: only resume checkpoints you wrote yourself.",
+        "that shape training must equal those of the run that wrote it. Checkpoints hold safetensors and JSON "
+        "only, checked against the sha256 recorded when they were written.",
     )
     parser.add_argument(
         "--interrupt_after_steps",
@@ -568,7 +572,7 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         model = build_model(args, config, tasks, 0, output_dir)
         return Run(data=data, tasks=tasks, model=model, key=key, start=start)
 
-    required = ["adapter_model.safetensors", "optimizer.bin", "scheduler.bin"]
+    required = [CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON]
     start = read_checkpoint(checkpoint, key, required_files=required)
     if not 0 <= start.task < len(tasks):
         raise CheckpointError(f"{checkpoint}: task {start.task} is not a task of this run ({len(tasks)} tasks).")
@@ -708,7 +712,7 @@ class TaskResult:
 
 
 def train_task(
-    args: argparse.Namespace, accelerator: Accelerator, run: Run, hooks: CheckpointHooks, task: int, global_step: int
+    args: argparse.Namespace, accelerator: Accelerator, run: Run, hooks: Checkpointer, task: int, global_step: int
 ) -> tuple[int, TaskResult | None]:
     """Train task `task` (from the checkpoint when resuming into it); None when --interrupt_after_steps stops it."""
     model, device, output_dir = run.model, accelerator.device, Path(args.output_dir)
@@ -741,11 +745,19 @@ def train_task(
     # A new DDP wrapper per task: DDP registers the parameters that require grad when it wraps the model.
     accelerator.free_memory()
     ddp_model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    hooks.configure(adapter_name, train_backbone=task == 0, ema=ema, ema_names=names if ema else [])
+    hooks.configure(
+        adapter_name,
+        train_backbone=task == 0,
+        ema=ema,
+        ema_names=names if ema else [],
+        model=ddp_model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+    )
 
     task_step, train_seconds = 0, 0.0
     if run.checkpoint is not None and task == run.start.task:
-        accelerator.load_state(str(run.checkpoint))
+        hooks.load_state(run.checkpoint)
         task_step, train_seconds = run.start.task_step, run.start.train_seconds
         if ema is not None:
             ema.optimization_step = run.start.ema_optimization_step or 0
@@ -809,7 +821,7 @@ def train_task(
                     run_key=run.key,
                     ema_optimization_step=ema.optimization_step if ema is not None else None,
                 )
-                path = save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
+                path = save_checkpoint(hooks, output_dir, state, args.checkpoints_total_limit)
                 logger.info(f"Saved {path}")
             accelerator.wait_for_everyone()
         if args.interrupt_after_steps is not None and global_step >= args.interrupt_after_steps:
@@ -1010,7 +1022,7 @@ def main(args: argparse.Namespace) -> None:
         "real_data_accuracy": evaluator.real_data_accuracy if evaluator else None,
         "tasks": run.metrics.get("tasks", []),
     }
-    hooks = CheckpointHooks(accelerator)
+    hooks = Checkpointer(accelerator)
     run.model.to(accelerator.device)
     global_step = run.start.global_step
     for task in range(run.start.task, len(run.tasks)):

@@ -5,10 +5,10 @@
   `draw_training_batch`).
 - Run-folder outputs written atomically: the backbone in diffusers format (`save_backbone`), one task's adapter
   (`save_adapter`), JSON files (`write_json_atomic`) and a sample grid PNG (`make_image_grid`).
-- Checkpoints: `accelerator.save_state` into a hidden temporary folder, a `training_state.json` listing the sha256 of
-  every file and the run's key settings, then one rename to `checkpoint-{global_step}`; `CheckpointHooks` writes the
-  model tensors as safetensors (the backbone only while it trains, i.e. during task 0); `read_checkpoint` refuses a
-  missing, incomplete, corrupted or foreign checkpoint before anything is loaded.
+- Checkpoints: `Checkpointer.save_state` into a hidden temporary folder (the model, EMA and optimizer tensors as
+  safetensors, the optimizer's settings and the scheduler's state as JSON: nothing pickled), a `training_state.json`
+  listing the sha256 of every file and the run's key settings, then one rename to `checkpoint-{global_step}`;
+  `read_checkpoint` refuses a missing, incomplete, corrupted or foreign checkpoint before anything is loaded.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .model import check_adapter_state_dict
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CheckpointError",
-    "CheckpointHooks",
+    "Checkpointer",
     "TrainingBatch",
     "TrainingState",
     "adapter_parameter_count",
@@ -65,6 +65,10 @@ STATE_FORMAT_VERSION = 1
 CKPT_ADAPTER_FILE = "adapter_model.safetensors"
 CKPT_BACKBONE_FILE = "backbone.safetensors"
 CKPT_EMA_FILE = "ema.safetensors"
+CKPT_OPTIMIZER_TENSORS = "optimizer.safetensors"
+CKPT_OPTIMIZER_JSON = "optimizer.json"
+CKPT_SCHEDULER_JSON = "scheduler.json"
+CKPT_SCALER_JSON = "grad_scaler.json"
 ADAPTER_PREFIX = "funlora_"
 
 
@@ -350,23 +354,23 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None
 
 
 def save_checkpoint(
-    accelerator,
+    checkpointer,
     output_dir: str | os.PathLike,
     state: TrainingState,
     total_limit: int | None = None,
 ) -> Path:
     """Write `checkpoint-{global_step}` atomically (main process only) and prune old ones to `total_limit`.
 
-    `accelerator.save_state` writes into a hidden temporary folder; `training_state.json` (with the sha256 of every
-    file) is written last and the folder renamed into place, so a kill at any moment leaves either the previous set of
-    checkpoints or a complete new one, never a half-written `checkpoint-N`.
+    `checkpointer.save_state` (a `Checkpointer`) writes into a hidden temporary folder; `training_state.json` (with the
+    sha256 of every file) is written last and the folder renamed into place, so a kill at any moment leaves either the
+    previous set of checkpoints or a complete new one, never a half-written `checkpoint-N`.
     """
     output_dir = Path(output_dir)
     target = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
     for stale in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = _tmp_dir_beside(target)
-    accelerator.save_state(str(tmp))
+    checkpointer.save_state(tmp)
     state.files = {
         path.relative_to(tmp).as_posix(): _sha256_file(path) for path in sorted(tmp.rglob("*")) if path.is_file()
     }
@@ -466,18 +470,54 @@ def _check_tensor_file(file: Path, expected: dict[str, torch.Tensor]) -> None:
                 raise CheckpointError(f"{file}: {key} has shape {shape}, the model {tuple(expected[key].shape)}.")
 
 
-class CheckpointHooks:
-    """Accelerate save/load-state pre-hooks writing the model tensors as safetensors instead of a pickled state.
+def optimizer_state_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer `state_dict()` into its tensors (for safetensors) and the rest (for JSON).
 
-    Saved: the trained adapter (`adapter_model.safetensors`, PEFT's key format), the backbone while it trains
-    (`backbone.safetensors`, during task 0 only: later the frozen backbone lives in the run's `backbone/` folder), and
-    the EMA's shadow tensors (`ema.safetensors`) when an EMA is set. The hooks remove the model from accelerate's
-    lists, so accelerate itself only writes the optimizer, scheduler and RNG states.
+    Tensors are keyed `state.<param index>.<name>` (e.g. `state.3.exp_avg`); `param_groups` and non-tensor state
+    entries go to the JSON part. `optimizer_state_from_files` is the inverse.
+    """
+    tensors, state = {}, {}
+    for index, entries in state_dict["state"].items():
+        kept = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                kept[name] = value
+        state[str(index)] = kept
+    meta = {"state": state, "param_groups": state_dict["param_groups"]}
+    json.dumps(meta)  # a value JSON cannot hold fails here, at save time, not at resume
+    return tensors, meta
+
+
+def optimizer_state_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer `state_dict()` that `optimizer_state_to_files` split."""
+    state = {int(index): dict(kept) for index, kept in meta["state"].items()}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+class Checkpointer:
+    """Writes and reads the training state of a checkpoint as safetensors and JSON: nothing is pickled.
+
+    A checkpoint holds the trained adapter (`adapter_model.safetensors`, PEFT's key format), the backbone while it
+    trains (`backbone.safetensors`, during task 0 only: later the frozen backbone lives in the run's `backbone/`
+    folder), the EMA's shadow tensors (`ema.safetensors`) when an EMA is set, the optimizer state
+    (`optimizer.safetensors` + `optimizer.json`), the learning-rate scheduler state (`scheduler.json`) and, with
+    fp16 mixed precision, the gradient scaler's (`grad_scaler.json`). No random-number state is needed: every step
+    draws its randomness from `step_generator(seed, task, step)`.
 
     Example:
-        >>> hooks = CheckpointHooks(accelerator)
-        >>> hooks.configure(adapter_name="task_0", train_backbone=True, ema=None, ema_names=[])
-        >>> accelerator.save_state(folder)
+        >>> checkpointer = Checkpointer(accelerator)
+        >>> checkpointer.configure("task_0", train_backbone=True, model=model, optimizer=optimizer, lr_scheduler=sched)
+        >>> save_checkpoint(checkpointer, output_dir, state)      # calls checkpointer.save_state(folder)
+        >>> checkpointer.load_state(folder)
     """
 
     def __init__(self, accelerator) -> None:
@@ -486,64 +526,80 @@ class CheckpointHooks:
         self.train_backbone = False
         self.ema = None
         self.ema_names: list[str] = []
-        accelerator.register_save_state_pre_hook(self.save_hook)
-        accelerator.register_load_state_pre_hook(self.load_hook)
+        self.model = self.optimizer = self.lr_scheduler = None
 
-    def configure(self, adapter_name: str, train_backbone: bool, ema=None, ema_names: Sequence[str] = ()) -> None:
-        """Set what the next checkpoints hold: the adapter being trained, the backbone or not, the EMA."""
+    def configure(
+        self,
+        adapter_name: str,
+        train_backbone: bool,
+        ema=None,
+        ema_names: Sequence[str] = (),
+        *,
+        model: nn.Module,
+        optimizer,
+        lr_scheduler,
+    ) -> None:
+        """Set what the next checkpoints hold: the adapter being trained, the backbone or not, the EMA, and the
+        (prepared) model, optimizer and scheduler of the task."""
         self.adapter_name = adapter_name
         self.train_backbone = train_backbone
         self.ema = ema
         self.ema_names = list(ema_names)
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
 
     def required_files(self) -> list[str]:
         """Files a checkpoint written with the current configuration must hold."""
-        files = [CKPT_ADAPTER_FILE]
+        files = [CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON]
         if self.train_backbone:
             files.append(CKPT_BACKBONE_FILE)
         if self.ema is not None:
             files.append(CKPT_EMA_FILE)
         return files
 
-    def save_hook(self, models, weights, output_dir) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        output_dir = Path(output_dir)
-        for model in models:
-            peft_model = self.accelerator.unwrap_model(model)
-            adapter = get_peft_model_state_dict(
-                peft_model, adapter_name=self.adapter_name, save_embedding_layers=False
-            )
-            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, output_dir / CKPT_ADAPTER_FILE)
-            if self.train_backbone:
-                backbone = {k: v.detach().cpu().contiguous() for k, v in peft_model.state_dict().items()}
-                backbone = {k: v for k, v in backbone.items() if ADAPTER_PREFIX not in k}
-                save_file(backbone, output_dir / CKPT_BACKBONE_FILE)
-            if self.ema is not None:
-                shadow = {n: s.detach().cpu().contiguous() for n, s in zip(self.ema_names, self.ema.shadow_params)}
-                save_file(shadow, output_dir / CKPT_EMA_FILE)
-            # The model is saved: keep accelerate from writing it again (pickled or in its own safetensors file).
-            weights.pop()
+    def _scaler(self):
+        return getattr(self.accelerator, "scaler", None)
 
-    def load_hook(self, models, input_dir) -> None:
-        input_dir = Path(input_dir)
-        while models:
-            peft_model = self.accelerator.unwrap_model(models.pop())
-            device = next(peft_model.parameters()).device
-            adapter = load_file(input_dir / CKPT_ADAPTER_FILE, device=str(device))
-            result = set_peft_model_state_dict(peft_model, adapter, adapter_name=self.adapter_name)
-            if result.unexpected_keys:
-                raise CheckpointError(f"{input_dir}: unexpected adapter tensors {result.unexpected_keys[:3]}.")
-            if self.train_backbone:
-                backbone = load_file(input_dir / CKPT_BACKBONE_FILE, device=str(device))
-                missing, unexpected = peft_model.load_state_dict(backbone, strict=False)
-                missing = [k for k in missing if ADAPTER_PREFIX not in k]
-                if missing or unexpected:
-                    raise CheckpointError(
-                        f"{input_dir}: backbone tensors missing {missing[:3]}, extra {unexpected[:3]}."
-                    )
-            if self.ema is not None:
-                shadow = load_file(input_dir / CKPT_EMA_FILE)
-                with torch.no_grad():
-                    for name, tensor in zip(self.ema_names, self.ema.shadow_params):
-                        tensor.copy_(shadow[name])
+    def save_state(self, folder: str | os.PathLike) -> None:
+        """Write the training state into `folder` (an existing, empty folder)."""
+        folder = Path(folder)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        adapter = get_peft_model_state_dict(peft_model, adapter_name=self.adapter_name, save_embedding_layers=False)
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, folder / CKPT_ADAPTER_FILE)
+        if self.train_backbone:
+            backbone = {k: v.detach().cpu().contiguous() for k, v in peft_model.state_dict().items()}
+            save_file({k: v for k, v in backbone.items() if ADAPTER_PREFIX not in k}, folder / CKPT_BACKBONE_FILE)
+        if self.ema is not None:
+            shadow = {n: s.detach().cpu().contiguous() for n, s in zip(self.ema_names, self.ema.shadow_params)}
+            save_file(shadow, folder / CKPT_EMA_FILE)
+        tensors, meta = optimizer_state_to_files(self.optimizer.state_dict())
+        save_file(tensors, folder / CKPT_OPTIMIZER_TENSORS)
+        _write_json(folder / CKPT_OPTIMIZER_JSON, meta)
+        _write_json(folder / CKPT_SCHEDULER_JSON, self.lr_scheduler.state_dict())
+        if self._scaler() is not None:
+            _write_json(folder / CKPT_SCALER_JSON, self._scaler().state_dict())
+
+    def load_state(self, folder: str | os.PathLike) -> None:
+        """Load what `save_state` wrote (after `read_checkpoint` and `check_checkpoint_tensors` checked it)."""
+        folder = Path(folder)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        device = next(peft_model.parameters()).device
+        adapter = load_file(folder / CKPT_ADAPTER_FILE, device=str(device))
+        result = set_peft_model_state_dict(peft_model, adapter, adapter_name=self.adapter_name)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{folder}: unexpected adapter tensors {result.unexpected_keys[:3]}.")
+        if self.train_backbone:
+            backbone = load_file(folder / CKPT_BACKBONE_FILE, device=str(device))
+            missing, unexpected = peft_model.load_state_dict(backbone, strict=False)
+            missing = [k for k in missing if ADAPTER_PREFIX not in k]
+            if missing or unexpected:
+                raise CheckpointError(f"{folder}: backbone tensors missing {missing[:3]}, extra {unexpected[:3]}.")
+        if self.ema is not None:
+            shadow = load_file(folder / CKPT_EMA_FILE)
+            with torch.no_grad():
+                for name, tensor in zip(self.ema_names, self.ema.shadow_params):
+                    tensor.copy_(shadow[name])
+        meta = json.loads((folder / CKPT_OPTIMIZER_JSON).read_text())
+        self.optimizer.load_state_dict(optimizer_state_from_files(load_file(folder / CKPT_OPTIMIZER_TENSORS), meta))
+        self.lr_scheduler.load_state_dict(json.loads((folder / CKPT_SCHEDULER_JSON).read_text()))
+        if self._scaler() is not None and (folder / CKPT_SCALER_JSON).is_file():
+            self._scaler().load_state_dict(json.loads((folder / CKPT_SCALER_JSON).read_text()))

@@ -139,12 +139,17 @@ def test_end_to_end_run_folder_metrics_and_pipeline(tiny_run):
     # Task 0's checkpoints hold the backbone; task 1's optimizer holds task 1's adapter tensors and nothing else.
     assert (out / "checkpoint-3" / "backbone.safetensors").is_file()
     assert not (out / "checkpoint-6" / "backbone.safetensors").exists()
-    optimizer = torch.load(out / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    # Checkpoints hold safetensors and JSON only: nothing to unpickle on resume.
+    for checkpoint in out.glob("checkpoint-*"):
+        assert {p.suffix for p in checkpoint.iterdir()} <= {".safetensors", ".json"}, sorted(checkpoint.iterdir())
+    optimizer = json.loads((out / "checkpoint-6" / "optimizer.json").read_text())
+    moments = load_file(out / "checkpoint-6" / "optimizer.safetensors")
     adapter = load_file(out / "checkpoint-6" / "adapter_model.safetensors")
     assert [len(group["params"]) for group in optimizer["param_groups"]] == [len(adapter)]
-    assert sum(state["exp_avg"].numel() for state in optimizer["state"].values()) == sum(
+    assert sum(t.numel() for k, t in moments.items() if k.endswith(".exp_avg")) == sum(
         t.numel() for t in adapter.values()
     )
+    assert json.loads((out / "checkpoint-6" / "scheduler.json").read_text())["last_epoch"] == 2
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["real_data_accuracy"] <= 1.0
@@ -260,8 +265,8 @@ def test_step_generator_depends_only_on_its_key():
     assert not torch.equal(draw(0, 1, 2), draw(1, 1, 2))
 
 
-class FakeAccelerator:
-    """Writes a few files like `save_state`; `fail_after` simulates a kill in the middle of the save."""
+class FakeCheckpointer:
+    """Writes a few files like `Checkpointer.save_state`; `fail_after` simulates a kill in the middle of the save."""
 
     is_main_process = True
 
@@ -269,7 +274,7 @@ class FakeAccelerator:
         self.fail_after = fail_after
 
     def save_state(self, folder):
-        for i, name in enumerate(["adapter_model.safetensors", "optimizer.bin", "scheduler.bin"]):
+        for i, name in enumerate(["adapter_model.safetensors", "optimizer.safetensors", "scheduler.json"]):
             if self.fail_after is not None and i >= self.fail_after:
                 raise KeyboardInterrupt("killed while saving")
             Path(folder, name).write_bytes(os.urandom(64))
@@ -277,10 +282,10 @@ class FakeAccelerator:
 
 def test_checkpoints_are_atomic_and_checked(tmp_path):
     key = {"seed": 0, "tasks": [[0, 1], [2, 3]]}
-    save_checkpoint(FakeAccelerator(), tmp_path, TrainingState(task=0, task_step=3, global_step=3, run_key=key))
+    save_checkpoint(FakeCheckpointer(), tmp_path, TrainingState(task=0, task_step=3, global_step=3, run_key=key))
     with pytest.raises(KeyboardInterrupt):
         state = TrainingState(task=1, task_step=2, global_step=6, run_key=key)
-        save_checkpoint(FakeAccelerator(fail_after=2), tmp_path, state)
+        save_checkpoint(FakeCheckpointer(fail_after=2), tmp_path, state)
     # The kill left a hidden temporary folder, never a checkpoint-6 that would load wrong.
     assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
     latest = resolve_checkpoint(tmp_path, "latest")
@@ -289,9 +294,9 @@ def test_checkpoints_are_atomic_and_checked(tmp_path):
 
     with pytest.raises(CheckpointError, match="belongs to a different run.*seed: 0 in the checkpoint, 1 now"):
         read_checkpoint(latest, {**key, "seed": 1})
-    optimizer = latest / "optimizer.bin"
+    optimizer = latest / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:-1] + b"x")
-    with pytest.raises(CheckpointError, match="optimizer.bin does not match the sha256"):
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match the sha256"):
         read_checkpoint(latest, key)
     (latest / "training_state.json").unlink()
     with pytest.raises(CheckpointError, match="not a checkpoint of examples/train.py"):
@@ -302,7 +307,7 @@ def test_checkpoints_are_atomic_and_checked(tmp_path):
     # Pruning keeps the newest ones.
     for step in (9, 12):
         save_checkpoint(
-            FakeAccelerator(), tmp_path, TrainingState(task=1, task_step=step, global_step=step, run_key=key), 2
+            FakeCheckpointer(), tmp_path, TrainingState(task=1, task_step=step, global_step=step, run_key=key), 2
         )
     assert [step for step, _ in list_checkpoints(tmp_path)] == [9, 12]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
