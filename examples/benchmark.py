@@ -22,8 +22,9 @@ same way (`funlora_peft.evaluation`):
    but tasks >= 1 adapt only the --top_k convs that `funlora_peft.importance` ranks highest from task 0's adapter.
 
 Commands (from the repository root). The default is the embedded digits at their native 8x8, 5 tasks of 2 classes,
-a 2-level UNet (block_out_channels 32,64), 80 steps on task 0 and 30 on every later task at batch 64, 3 seeds, 2
-worker processes of one torch thread each; `--quick` is one seed with a smaller budget (a few minutes):
+a 2-level UNet (block_out_channels 32,64), 150 steps on task 0 and 60 on every later task at batch 64, 3 seeds, 2
+worker processes of one torch thread each (about 21 minutes on 2 idle CPU cores); `--quick` is one seed with a smaller
+budget (about 4 minutes):
 
 ```bash
 python examples/benchmark.py --output_dir docs/benchmark
@@ -177,8 +178,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
     # Budget, shared by every method
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
-    parser.add_argument("--first_task_steps", type=int, default=80, help="Optimisation steps of task 0.")
-    parser.add_argument("--task_steps", type=int, default=30, help="Optimisation steps of every later task.")
+    parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
+    parser.add_argument("--task_steps", type=int, default=60, help="Optimisation steps of every later task.")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of every UNet's weights.")
     parser.add_argument(
         "--adapter_learning_rate", type=float, default=1e-1, help="Learning rate of the FunLoRA adapters."
