@@ -43,7 +43,7 @@ from funlora_peft.importance import (
     random_target_modules,
     select_target_modules,
 )
-from funlora_peft.repository import INDEX_FILE, TaskEntry, write_index
+from funlora_peft.repository import INDEX_FILE
 from funlora_peft.training import (
     CHECKPOINT_PREFIX,
     Checkpointer,
@@ -129,15 +129,9 @@ def train_args(train, train_argv: list[str], output_dir: Path, seed: int) -> arg
 
 
 def write_outputs(train, folder: Path, run, upto_task: int) -> None:
-    """The run folder after task `upto_task` (backbone, adapters, index), without the per-task evaluation."""
-    model = run.model
-    save_adapter(model, f"task_{upto_task}", folder)
-    entries = []
-    for j in range(upto_task + 1):
-        config = model.peft_config[f"task_{j}"]
-        targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
-        entries.append(TaskEntry(f"task_{j}", list(run.tasks[j]), config.function, config.num_functions, targets))
-    write_index(folder, entries, dict(enumerate(run.data.class_names)))
+    """The run folder after task `upto_task` (adapter, index), without the training script's per-task evaluation."""
+    save_adapter(run.model, f"task_{upto_task}", folder)
+    train.write_run_index(folder, run, upto_task)
 
 
 def main() -> None:

@@ -91,11 +91,8 @@ from funlora_peft.repository import (
 )
 from funlora_peft.training import (
     ADAPTER_PREFIX,
+    CHECKPOINT_FILES,
     CHECKPOINT_PREFIX,
-    CKPT_ADAPTER_FILE,
-    CKPT_OPTIMIZER_JSON,
-    CKPT_OPTIMIZER_TENSORS,
-    CKPT_SCHEDULER_JSON,
     Checkpointer,
     CheckpointError,
     TrainingState,
@@ -572,8 +569,7 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         model = build_model(args, config, tasks, 0, output_dir)
         return Run(data=data, tasks=tasks, model=model, key=key, start=start)
 
-    required = [CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON]
-    start = read_checkpoint(checkpoint, key, required_files=required)
+    start = read_checkpoint(checkpoint, key, required_files=CHECKPOINT_FILES)
     if not 0 <= start.task < len(tasks):
         raise CheckpointError(f"{checkpoint}: task {start.task} is not a task of this run ({len(tasks)} tasks).")
     metrics = check_finished_tasks(output_dir, tasks, start.task)
@@ -836,6 +832,16 @@ def train_task(
     return global_step, TaskResult(params, num_steps, train_seconds, loss_value)
 
 
+def write_run_index(output_dir: Path, run: Run, upto_task: int) -> None:
+    """Index tasks 0..upto_task of the run folder (`funlora.json`), from the adapters' configs."""
+    entries = []
+    for j in range(upto_task + 1):
+        config = run.model.peft_config[f"task_{j}"]
+        targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+        entries.append(TaskEntry(f"task_{j}", list(run.tasks[j]), config.function, config.num_functions, targets))
+    write_index(output_dir, entries, dict(enumerate(run.data.class_names)))
+
+
 def write_task_outputs(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -853,12 +859,7 @@ def write_task_outputs(
     if task == 0:
         save_backbone(model, output_dir / BACKBONE_SUBFOLDER)
     save_adapter(model, adapter_name, output_dir)
-    entries = []
-    for j in range(task + 1):
-        config = model.peft_config[f"task_{j}"]
-        targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
-        entries.append(TaskEntry(f"task_{j}", list(tasks[j]), config.function, config.num_functions, targets))
-    write_index(output_dir, entries, dict(enumerate(run.data.class_names)))
+    write_run_index(output_dir, run, task)
 
     row, grid = evaluator(output_dir, task, accelerator.device)
     previous = metrics["tasks"][-1]["samples_sha256"] if metrics["tasks"] else {}

@@ -37,6 +37,7 @@ from .flow_matching import make_flow_matching_batch
 from .model import check_adapter_state_dict
 
 __all__ = [
+    "CHECKPOINT_FILES",
     "CHECKPOINT_PREFIX",
     "CheckpointError",
     "Checkpointer",
@@ -69,6 +70,8 @@ CKPT_OPTIMIZER_TENSORS = "optimizer.safetensors"
 CKPT_OPTIMIZER_JSON = "optimizer.json"
 CKPT_SCHEDULER_JSON = "scheduler.json"
 CKPT_SCALER_JSON = "grad_scaler.json"
+# What every checkpoint holds; a task-0 checkpoint also holds CKPT_BACKBONE_FILE, one with an EMA CKPT_EMA_FILE.
+CHECKPOINT_FILES = (CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON)
 ADAPTER_PREFIX = "funlora_"
 
 
@@ -546,15 +549,6 @@ class Checkpointer:
         self.ema = ema
         self.ema_names = list(ema_names)
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-
-    def required_files(self) -> list[str]:
-        """Files a checkpoint written with the current configuration must hold."""
-        files = [CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON]
-        if self.train_backbone:
-            files.append(CKPT_BACKBONE_FILE)
-        if self.ema is not None:
-            files.append(CKPT_EMA_FILE)
-        return files
 
     def _scaler(self):
         return getattr(self.accelerator, "scaler", None)
