@@ -174,6 +174,8 @@ def load_image_classification_data(
             f"dataset_name must be a Hub dataset name, a local directory or None, got "
             f"dataset_name={dataset_name!r} of type {type(dataset_name).__name__}."
         )
+    if is_idx_directory(dataset_name):
+        return _load_idx(os.fspath(dataset_name), resolution, num_channels)
     return _load_with_datasets(
         os.fspath(dataset_name),
         resolution=resolution,
@@ -222,6 +224,151 @@ def _load_digits(
         num_channels=images.shape[1],
         resolution=resolution,
         name=DIGITS_DATASET_NAME,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MNIST-format IDX files
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The files of an MNIST-format directory, by split; each may be gzip-compressed (`.gz`).
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Magic numbers of the two kinds of files: unsigned bytes (0x08) in 3 dimensions (images) or 1 (labels).
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}
+FASHION_MNIST_CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# sha256 of the 60,000 training labels (the bytes after the header) of the known IDX datasets, to name their classes.
+_KNOWN_IDX_LABELS = {
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7": FASHION_MNIST_CLASS_NAMES,
+}
+
+
+def _idx_path(directory: str | os.PathLike, name: str) -> str | None:
+    """The path of IDX file `name` in `directory`, plain or gzip-compressed; None when neither exists."""
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(os.path.expanduser(os.fspath(directory)), candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def is_idx_directory(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is a local directory holding MNIST-format training images (`train-images-idx3-ubyte`)."""
+    directory = os.path.expanduser(os.fspath(directory))
+    return os.path.isdir(directory) and _idx_path(directory, IDX_FILES["train"][0]) is not None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one MNIST-format IDX file of unsigned bytes (plain or `.gz`) as a uint8 array.
+
+    The format: a 4-byte big-endian magic number `0x00000803` (images, 3 dimensions) or `0x00000801` (labels, 1
+    dimension), then one 4-byte big-endian size per dimension, then the bytes in C order.
+
+    Returns:
+        `(count, rows, columns)` for an image file, `(count,)` for a label file.
+    """
+    import gzip
+
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path} could not be read ({type(error).__name__}: {error}); download it again.") from None
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    dims = {value: ndim for ndim, value in _IDX_MAGIC.items()}.get(magic)
+    if dims is None:
+        shown = "none (the file is shorter than 4 bytes)" if magic is None else f"0x{magic:08x}"
+        raise ValueError(
+            f"{path} is not an MNIST-format IDX file of unsigned bytes: its magic number is {shown}, expected "
+            f"0x{_IDX_MAGIC[3]:08x} (images) or 0x{_IDX_MAGIC[1]:08x} (labels)."
+        )
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise ValueError(f"{path} is truncated: its header needs {header} bytes, the file has {len(data)}.")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(
+            f"{path} holds {len(data)} bytes but its header announces {shape} ({expected} bytes with the header): "
+            "the file is truncated or corrupted; download it again."
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `(count, rows, columns)` images and `(count,)` labels of one split of an IDX directory."""
+    arrays = []
+    for name, ndim in zip(IDX_FILES[split], (3, 1)):
+        path = _idx_path(directory, name)
+        if path is None:
+            raise ValueError(
+                f"dataset_name={directory!r} holds MNIST-format IDX files but lacks {name} (or {name}.gz); an IDX "
+                f"directory needs {[n for pair in IDX_FILES.values() for n in pair]}."
+            )
+        array = read_idx(path)
+        if array.ndim != ndim:
+            kind = "images (3 dimensions)" if ndim == 3 else "labels (1 dimension)"
+            raise ValueError(f"{path} holds a {array.ndim}-dimensional array, expected {kind}.")
+        arrays.append((path, array))
+    (image_path, images), (label_path, labels) = arrays
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{image_path} holds {images.shape[0]} images but {label_path} holds {labels.shape[0]} labels; the two "
+            "files of a split must match."
+        )
+    return images, labels
+
+
+def _load_idx(directory: str, resolution: int | None, num_channels: int | None) -> ImageClassificationData:
+    """An MNIST-format directory (MNIST, Fashion-MNIST, ...): its own train and test (`t10k`) splits, grayscale."""
+    import hashlib
+
+    from PIL import Image
+
+    directory = os.path.expanduser(directory)
+    splits = {split: _read_idx_split(directory, split) for split in IDX_FILES}
+    train_images, train_labels = splits["train"]
+    rows, columns = train_images.shape[1:]
+    if rows != columns:
+        raise ValueError(f"{directory}: the IDX images are {rows}x{columns}; only square images are supported.")
+    resolution = rows if resolution is None else resolution
+
+    def to_tensor(images: np.ndarray) -> torch.Tensor:
+        if images.shape[1:] != (resolution, resolution):
+            # PIL's bilinear filter, as for every other source (antialiased when shrinking).
+            size = (resolution, resolution)
+            images = np.stack(
+                [np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)) for image in images]
+            )
+        return _to_tensor(list(images), num_channels or 1)
+
+    digest = hashlib.sha256(train_labels.tobytes()).hexdigest()
+    num_labels = int(max(train_labels.max(), splits["test"][1].max())) + 1
+    class_names = list(_KNOWN_IDX_LABELS.get(digest, [str(class_id) for class_id in range(num_labels)]))
+    return ImageClassificationData(
+        train_images=to_tensor(train_images),
+        train_labels=torch.from_numpy(train_labels.astype(np.int64)),
+        test_images=to_tensor(splits["test"][0]),
+        test_labels=torch.from_numpy(splits["test"][1].astype(np.int64)),
+        class_names=class_names,
+        num_channels=num_channels or 1,
+        resolution=resolution,
+        name=directory,
     )
 
 
