@@ -2,8 +2,8 @@
 
 Every method trains the same `UNet2DModel` widths with the same conditional flow-matching loss
 (`funlora_peft.flow_matching`) on the same class-incremental task layout, with the same batch size, the same number of
-optimisation steps per task and the same per-step batches (`funlora_peft.training.step_generator`), and is scored the
-same way (`funlora_peft.evaluation`):
+optimisation steps per task and the same per-step batches (`funlora_peft.continual.training.step_generator`), and is scored the
+same way (`funlora_peft.continual.evaluation`):
 
 1. `joint`: a class-embedding UNet (`num_class_embeds`) trained once on all classes, the upper bound. Its step budget
    is the total of the continual runs: first_task_steps + (tasks - 1) * task_steps.
@@ -19,7 +19,7 @@ same way (`funlora_peft.evaluation`):
 5. `funlora-linear`, `funlora-cos`, `funlora-rshift`, `funlora-power`: FunLoRA on every conv (p = 10; 1 for linear),
    trained as `examples/train.py` does: backbone (lr --learning_rate) and task 0's adapter (lr
    --adapter_learning_rate) together in task 0, then only each new task's adapter. `funlora-cos-top15`: the same,
-   but tasks >= 1 adapt only the --top_k convs that `funlora_peft.importance` ranks highest from task 0's adapter.
+   but tasks >= 1 adapt only the --top_k convs that `funlora_peft.continual.importance` ranks highest from task 0's adapter.
 
 Commands (from the repository root). The default is the embedded digits at their native 8x8, 5 tasks of 2 classes,
 a 2-level UNet (block_out_channels 32,64), 150 steps on task 0 and 60 on every later task at batch 64, 3 seeds, 2
@@ -67,8 +67,8 @@ from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model
 
 from funlora_peft import FunLoRAConfig
-from funlora_peft.data import load_image_classification_data, make_task_layout, task_dataset
-from funlora_peft.evaluation import (
+from funlora_peft.continual.data import load_image_classification_data, make_task_layout, task_dataset
+from funlora_peft.continual.evaluation import (
     AccuracyMatrix,
     SmallClassifier,
     evaluate_stage,
@@ -76,15 +76,15 @@ from funlora_peft.evaluation import (
     predict,
     train_classifier,
 )
-from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
-from funlora_peft.importance import compute_layer_importance, select_target_modules
-from funlora_peft.training import (
+from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
+from funlora_peft.continual.training import (
     ADAPTER_PREFIX,
     adapter_parameter_count,
     draw_training_batch,
     step_generator,
     tensor_sha256,
 )
+from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
 
 RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
 SAMPLING_IMAGES = 100
@@ -582,7 +582,7 @@ def train_steps(learner: Learner, groups: list[dict], images, labels, num_steps:
 
 @torch.no_grad()
 def sample_fn_of(learner: Learner, data) -> Callable:
-    """A `funlora_peft.evaluation.SampleFn`: single-class batches, noise from the class's generator on CPU."""
+    """A `funlora_peft.continual.evaluation.SampleFn`: single-class batches, noise from the class's generator on CPU."""
     shape = (data.num_channels, data.resolution, data.resolution)
 
     @torch.no_grad()

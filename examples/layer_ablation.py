@@ -4,7 +4,7 @@ Trains task 0 once (backbone + task 0's adapter on every conv, exactly as `examp
 the importance criterion, then trains tasks 1, 2, ... again and again, each time adapting a different set of convs:
 
 - `all`: every conv (the default protocol);
-- `top` / `bottom`: the k convs with the largest / smallest |I_l| (`funlora_peft.importance.select_target_modules`);
+- `top` / `bottom`: the k convs with the largest / smallest |I_l| (`funlora_peft.continual.importance.select_target_modules`);
 - `random`: k convs drawn at random (a different draw per seed).
 
 Every (set, k, seed) continues from the same task-0 backbone with the training script's own `train_task`, so the sets
@@ -36,21 +36,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from funlora_peft.importance import (
+from funlora_peft.continual.importance import (
     IMPORTANCE_FILE,
     IMPORTANCE_PLOT,
     block_of,
     random_target_modules,
     select_target_modules,
 )
-from funlora_peft.repository import INDEX_FILE
-from funlora_peft.training import (
+from funlora_peft.continual.training import (
     CHECKPOINT_PREFIX,
     Checkpointer,
     TrainingState,
     adapter_parameter_count,
     save_adapter,
 )
+from funlora_peft.run_folder import INDEX_FILE
 
 STRATEGIES = ("all", "top", "bottom", "random")
 

@@ -11,7 +11,7 @@ python examples/sample.py user/funlora-digits --classes 3,7 --revision main --ou
 
 `--classes` alone loads only the tasks that own those classes (for a Hub repo only their adapters are downloaded, as
 the run's `funlora.json` index says); `--tasks` names the tasks to load; with neither, every task is loaded. Each
-class is sampled with its own seeded generator (`funlora_peft.evaluation.generate_per_class`), so a class's row does
+class is sampled with its own seeded generator (`funlora_peft.continual.evaluation.generate_per_class`), so a class's row does
 not depend on the other classes asked for. With `HF_HUB_OFFLINE=1` a Hub repo is read from the local cache.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from funlora_peft import FunLoRAPipeline, download_index
-from funlora_peft.evaluation import generate_per_class
-from funlora_peft.repository import read_index
-from funlora_peft.training import make_image_grid, pipeline_sample_fn
+from funlora_peft.continual.evaluation import generate_per_class
+from funlora_peft.continual.training import make_image_grid, pipeline_sample_fn
+from funlora_peft.run_folder import read_index
 
 
 def _comma_list(kind: type):

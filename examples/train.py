@@ -34,7 +34,7 @@ accelerate launch examples/train.py --dataset_name uoft-cs/cifar100 --image_colu
     --norm_num_groups 32 --first_task_steps 20000 --task_steps 5000 --train_batch_size 128 --mixed_precision bf16
 ```
 
-Evaluation (`funlora_peft.evaluation`): a classifier trained once on the real training images gives the upper bound
+Evaluation (`funlora_peft.continual.evaluation`): a classifier trained once on the real training images gives the upper bound
 (`real_data_accuracy`) and the FIXED recognition classifier; after task k the generator's samples of every class seen
 so far (per-class seeds, single-class batches, sampled with a `FunLoRAPipeline` loaded from the output folder) give the
 CAS (a fresh classifier trained on the samples only, tested on the real test images), row k of the recognition
@@ -65,10 +65,15 @@ from tqdm.auto import tqdm
 
 import funlora_peft
 from funlora_peft import FunLoRAConfig, push_to_hub, write_model_card
-from funlora_peft.data import load_image_classification_data, make_task_layout, task_dataset
-from funlora_peft.evaluation import AccuracyMatrix, evaluate_stage, generate_per_class, predict, train_classifier
-from funlora_peft.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, t_to_model_timestep
-from funlora_peft.importance import (
+from funlora_peft.continual.data import load_image_classification_data, make_task_layout, task_dataset
+from funlora_peft.continual.evaluation import (
+    AccuracyMatrix,
+    evaluate_stage,
+    generate_per_class,
+    predict,
+    train_classifier,
+)
+from funlora_peft.continual.importance import (
     IMPORTANCE_FILE,
     IMPORTANCE_PLOT,
     compute_layer_importance,
@@ -78,18 +83,7 @@ from funlora_peft.importance import (
     read_importance,
     select_target_modules,
 )
-from funlora_peft.model import check_adapter_state_dict
-from funlora_peft.pipeline import FunLoRAPipeline
-from funlora_peft.repository import (
-    BACKBONE_SUBFOLDER,
-    INDEX_FILE,
-    TaskEntry,
-    load_backbone,
-    read_adapter,
-    read_index,
-    write_index,
-)
-from funlora_peft.training import (
+from funlora_peft.continual.training import (
     ADAPTER_PREFIX,
     CHECKPOINT_FILES,
     CHECKPOINT_PREFIX,
@@ -110,6 +104,18 @@ from funlora_peft.training import (
     tensor_sha256,
     write_json_atomic,
 )
+from funlora_peft.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, t_to_model_timestep
+from funlora_peft.pipeline import FunLoRAPipeline
+from funlora_peft.run_folder import (
+    BACKBONE_SUBFOLDER,
+    INDEX_FILE,
+    TaskEntry,
+    load_backbone,
+    read_adapter,
+    read_index,
+    write_index,
+)
+from funlora_peft.tuner.model import check_adapter_state_dict
 
 logger = get_logger(__name__)
 

@@ -4,16 +4,19 @@ Importing the package registers FunLoRA with PEFT under the peft type "FUNLORA",
 `PeftModel.from_pretrained`, `PeftConfig.from_pretrained`, `save_pretrained` and `load_adapter` work with it.
 """
 
-from .config import PEFT_TYPE, FunLoRAConfig
-from .functions import FUNCTIONS, get_function
 from .hub import download_index, download_run, push_to_hub
-from .layer import FunLoRALayer
-from .model import FunLoRAModel, check_adapter_state_dict
 from .model_card import write_model_card
 from .pipeline import FunLoRAPipeline
-from .registration import register_funlora
-
-register_funlora()
+from .tuner import (
+    FUNCTIONS,
+    PEFT_TYPE,
+    FunLoRAConfig,
+    FunLoRALayer,
+    FunLoRAModel,
+    check_adapter_state_dict,
+    get_function,
+    register_funlora,
+)
 
 __version__ = "0.1.0"
 

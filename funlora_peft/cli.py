@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _index_of(source: str, args: argparse.Namespace):
     from .hub import download_index
-    from .repository import read_index
+    from .run_folder import read_index
 
     if Path(source).is_dir():
         return read_index(source)
@@ -93,8 +93,8 @@ def _index_of(source: str, args: argparse.Namespace):
 def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    from .continual.training import make_image_grid
     from .pipeline import FunLoRAPipeline
-    from .training import make_image_grid
 
     if args.out.suffix.lower() != ".png":
         parser.error(f"--out must name a .png file, got {str(args.out)!r}.")

@@ -1,6 +1,6 @@
 """Hugging Face Hub access for FunLoRA runs: push a run one commit per task, download only the tasks you need.
 
-A Hub model repo holds the run folder layout of `funlora_peft.repository` as is (plus the card, `README.md`, and the
+A Hub model repo holds the run folder layout of `funlora_peft.run_folder` as is (plus the card, `README.md`, and the
 sample grids), so `FunLoRAPipeline.from_pretrained` takes a folder or a repo id alike.
 
 Example:
@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, read_importance
+from .continual.importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, read_importance
 from .model_card import MODEL_CARD_FILE, build_model_card, read_metrics, sample_grid_path
-from .repository import (
+from .run_folder import (
     BACKBONE_SUBFOLDER,
     INDEX_FILE,
     RunIndex,
@@ -86,7 +86,7 @@ def download_run(
     """Download the index, the backbone and the adapters of `tasks` (all when None) of a run on the Hub.
 
     Returns the local snapshot folder (or `local_dir` when given), which has the run folder layout
-    (`funlora_peft.repository`). Only files under `backbone/`, `funlora.json` and the named task folders are requested
+    (`funlora_peft.run_folder`). Only files under `backbone/`, `funlora.json` and the named task folders are requested
     (`snapshot_download(allow_patterns=...)`); files of other tasks are not fetched. With `HF_HUB_OFFLINE=1` the files
     are resolved from the local cache. `revision` (branch, tag or commit id) applies to every file. The snapshot folder
     may also hold files that earlier calls fetched; the loaders read only the tasks they are asked for.

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .importance import IMPORTANCE_PLOT, read_importance
-from .repository import RunIndex, TaskEntry, read_index
+from .continual.importance import IMPORTANCE_PLOT, read_importance
+from .run_folder import RunIndex, TaskEntry, read_index
 
 MODEL_CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
@@ -91,7 +91,7 @@ def build_model_card(
 
         ```py
         >>> from funlora_peft.model_card import build_model_card
-        >>> from funlora_peft.repository import read_index
+        >>> from funlora_peft.run_folder import read_index
         >>> card = build_model_card(read_index("runs/digits"), repo_id="me/funlora-digits", license="apache-2.0")
         >>> card.data.library_name
         'funlora-peft'

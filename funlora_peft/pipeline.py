@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImageP
 from diffusers.utils.torch_utils import randn_tensor
 
 from .flow_matching import scheduler_timestep_to_model_timestep, velocity_to_scheduler
-from .repository import RunIndex, attach_tasks, load_backbone, read_index
+from .run_folder import RunIndex, attach_tasks, load_backbone, read_index
 
 
 class FunLoRAPipeline(DiffusionPipeline):

@@ -1,4 +1,4 @@
-"""Tests for `funlora_peft.data`: loading (digits, imagefolder), task layouts and their errors."""
+"""Tests for `funlora_peft.continual.data`: loading (digits, imagefolder), task layouts and their errors."""
 
 import collections
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from funlora_peft.data import (
+from funlora_peft.continual.data import (
     ImageClassificationData,
     load_image_classification_data,
     make_task_layout,

@@ -1,4 +1,4 @@
-"""Tests of funlora_peft.evaluation on sklearn's 8x8 digits (real data, no download) and closed forms."""
+"""Tests of funlora_peft.continual.evaluation on sklearn's 8x8 digits (real data, no download) and closed forms."""
 
 import warnings
 
@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from funlora_peft.evaluation import (
+from funlora_peft.continual.evaluation import (
     AccuracyMatrix,
     SmallClassifier,
     StageEvaluation,

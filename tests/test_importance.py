@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from funlora_peft import FunLoRAConfig, FunLoRALayer
-from funlora_peft.importance import (
+from funlora_peft.continual.importance import (
     block_of,
     compute_layer_importance,
     plot_layer_importance,

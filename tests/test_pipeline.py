@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from funlora_peft import FunLoRAConfig, FunLoRALayer
 from funlora_peft.flow_matching import sample_ode, t_to_model_timestep
 from funlora_peft.pipeline import FunLoRAPipeline
-from funlora_peft.repository import TaskEntry, attach_tasks, read_index, write_index
+from funlora_peft.run_folder import TaskEntry, attach_tasks, read_index, write_index
 
 CLASS_NAMES = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}
 TASKS = {"task_0": [0, 1], "task_1": [2, 3], "task_2": [4]}

@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from funlora_peft.pipeline import FunLoRAPipeline
-from funlora_peft.training import (
+from funlora_peft.continual.training import (
     CheckpointError,
     TrainingState,
     list_checkpoints,
@@ -29,6 +28,7 @@ from funlora_peft.training import (
     save_checkpoint,
     step_generator,
 )
+from funlora_peft.pipeline import FunLoRAPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"

@@ -8,7 +8,7 @@ where W^l_y = W^l_0 * (1 + F^l_y). A layer whose |I_l| stays near 0 leaves its f
 every class; the layers with the largest |I_l| carry the class conditioning and are the ones to adapt.
 
 ```python
-from funlora_peft.importance import compute_layer_importance, select_target_modules
+from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
 
 scores = compute_layer_importance(peft_model)  # {conv module name: I_l}, signed, in U-Net order
 targets = select_target_modules(scores, top_k=15)  # the 15 names with the largest |I_l|, in U-Net order
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FunLoRAConfig
-from .flow_matching import flow_matching_loss, make_flow_matching_batch, t_to_model_timestep
-from .layer import FunLoRALayer
+from ..flow_matching import flow_matching_loss, make_flow_matching_batch, t_to_model_timestep
+from ..tuner.config import FunLoRAConfig
+from ..tuner.layer import FunLoRALayer
 
 PROBE_ADAPTER = "importance_probe"
 IMPORTANCE_FILE = "importance.json"  # in a run folder: the scores, how they were obtained and the selected layers

@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .flow_matching import make_flow_matching_batch
-from .model import check_adapter_state_dict
+from ..flow_matching import make_flow_matching_batch
+from ..tuner.model import check_adapter_state_dict
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -266,7 +266,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def pipeline_sample_fn(pipe, num_inference_steps: int) -> Callable[[int, int, torch.Generator], torch.Tensor]:
-    """A `funlora_peft.evaluation.SampleFn` over a `FunLoRAPipeline`: single-class batches, images in [-1, 1]."""
+    """A `funlora_peft.continual.evaluation.SampleFn` over a `FunLoRAPipeline`: single-class batches, images in [-1, 1]."""
 
     def sample_fn(class_label: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
         images = pipe(

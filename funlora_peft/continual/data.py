@@ -139,7 +139,7 @@ def load_image_classification_data(
 
     Example:
         ```py
-        >>> from funlora_peft.data import load_image_classification_data
+        >>> from funlora_peft.continual.data import load_image_classification_data
         >>> data = load_image_classification_data("digits", resolution=16)
         >>> data.train_images.shape, data.num_classes
         (torch.Size([1438, 1, 16, 16]), 10)

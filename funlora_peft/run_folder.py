@@ -24,8 +24,8 @@ from diffusers import UNet2DModel
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 
-from .config import FunLoRAConfig
-from .model import check_adapter_state_dict
+from .tuner.config import FunLoRAConfig
+from .tuner.model import check_adapter_state_dict
 
 FORMAT_VERSION = 1
 INDEX_FILE = "funlora.json"
