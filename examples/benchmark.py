@@ -2,8 +2,8 @@
 
 Every method trains the same `UNet2DModel` widths with the same conditional flow-matching loss
 (`funlora_peft.flow_matching`) on the same class-incremental task layout, with the same batch size, the same number of
-optimisation steps per task and the same per-step batches (`funlora_peft.continual.training.step_generator`), and is scored the
-same way (`funlora_peft.continual.evaluation`):
+optimisation steps per task and the same per-step batches (`step_generator` of `funlora_peft.continual.training`), and
+is scored the same way (`funlora_peft.continual.evaluation.ContinualEvaluator`):
 
 1. `joint`: a class-embedding UNet (`num_class_embeds`) trained once on all classes, the upper bound. Its step budget
    is the total of the continual runs: first_task_steps + (tasks - 1) * task_steps.
@@ -19,7 +19,8 @@ same way (`funlora_peft.continual.evaluation`):
 5. `funlora-linear`, `funlora-cos`, `funlora-rshift`, `funlora-power`: FunLoRA on every conv (p = 10; 1 for linear),
    trained as `examples/train.py` does: backbone (lr --learning_rate) and task 0's adapter (lr
    --adapter_learning_rate) together in task 0, then only each new task's adapter. `funlora-cos-top15`: the same,
-   but tasks >= 1 adapt only the --top_k convs that `funlora_peft.continual.importance` ranks highest from task 0's adapter.
+   but tasks >= 1 adapt only the --top_k convs that `funlora_peft.continual.importance` ranks highest from task 0's
+   adapter.
 
 Commands (from the repository root). The default is the embedded digits at their native 8x8, 5 tasks of 2 classes,
 a 2-level UNet (block_out_channels 32,64), 150 steps on task 0 and 60 on every later task at batch 64, 3 seeds, 2
@@ -58,33 +59,44 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model
+from protocol_args import (
+    add_data_arguments,
+    add_evaluation_arguments,
+    add_unet_arguments,
+    check_at_least,
+    check_evaluation_arguments,
+    int_list,
+    load_protocol,
+    script_error,
+    unet_config_from_args,
+)
 
-from funlora_peft import FunLoRAConfig
-from funlora_peft.continual.data import load_image_classification_data, make_task_layout, task_dataset
 from funlora_peft.continual.evaluation import (
-    AccuracyMatrix,
+    ContinualEvaluator,
+    ContinualMetrics,
     SmallClassifier,
-    evaluate_stage,
     generate_per_class,
-    predict,
     train_classifier,
 )
 from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
+from funlora_peft.continual.tasks import task_dataset
 from funlora_peft.continual.training import (
-    ADAPTER_PREFIX,
     adapter_parameter_count,
     draw_training_batch,
+    optimizer_groups,
+    set_trainable,
     step_generator,
-    tensor_sha256,
+    task_adapter_config,
 )
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
+from funlora_peft.run_folder import task_name
 
 RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
 SAMPLING_IMAGES = 100
@@ -155,27 +167,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "in this process (then the peak memory is this process's peak so far).",
     )
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads per job.")
-    # Data and task layout, as examples/train.py
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="None or 'digits' (embedded), a Hugging Face Hub dataset name or a local imagefolder directory.",
-    )
-    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images (Hub datasets).")
-    parser.add_argument("--label_column", type=str, default="label", help="Column holding the class labels.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Cache directory of the `datasets` library.")
-    parser.add_argument("--resolution", type=int, default=8, help="Images are resized to resolution x resolution.")
-    parser.add_argument("--classes_per_task", type=int, default=2, help="Classes per task.")
-    parser.add_argument("--first_task_classes", type=int, default=None, help="Classes in task 0 (default: as others).")
-    parser.add_argument(
-        "--class_order", type=str, default=None, help="'sorted' (default), 'shuffle' or a list of ids like '3,1,2,0'."
-    )
-    # UNet
-    parser.add_argument("--block_out_channels", type=str, default="32,64", help="Channels of each UNet level.")
-    parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per UNet block.")
-    parser.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; must divide every width.")
-    parser.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
+    add_data_arguments(parser, resolution=8)
+    add_unet_arguments(parser, block_out_channels="32,64")
     # Budget, shared by every method
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
     parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
@@ -195,12 +188,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "images, so that the replay pool is class-balanced).",
     )
     parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
-    # Evaluation
-    parser.add_argument("--num_inference_steps", type=int, default=10, help="Euler steps (NFE) of every sampler.")
-    parser.add_argument("--eval_samples_per_class", type=int, default=40, help="Generated samples per class (CAS).")
-    parser.add_argument(
-        "--classifier_epochs", type=int, default=15, help="Epochs of the real-data and CAS classifiers."
-    )
+    add_evaluation_arguments(parser, eval_samples_per_class=40)
     args = parser.parse_args(input_args)
     if args.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
@@ -211,13 +199,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _int_list(flag: str, value: str, example: str) -> list[int]:
-    try:
-        return [int(item) for item in value.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"{flag}={value!r} must be a comma-separated list of integers, e.g. {example}.") from None
 
 
 def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
@@ -240,95 +221,31 @@ def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work, naming the flag, its value and the fix."""
-    for flag in (
-        "resolution",
-        "classes_per_task",
-        "layers_per_block",
-        "norm_num_groups",
-        "attention_head_dim",
-        "train_batch_size",
-        "first_task_steps",
-        "task_steps",
-        "num_inference_steps",
-        "classifier_epochs",
-        "num_threads",
-        "top_k",
-    ):
-        value = getattr(args, flag)
-        if value < 1:
-            raise ValueError(f"--{flag}={value} must be >= 1.")
-    if args.eval_samples_per_class < 2:
-        raise ValueError(
-            f"--eval_samples_per_class={args.eval_samples_per_class} must be >= 2: the Frechet distance needs a "
-            "covariance."
-        )
-    if args.num_workers < 0:
-        raise ValueError(f"--num_workers={args.num_workers} must be >= 0 (0 runs the jobs in this process).")
-    if args.lr_warmup_steps < 0:
-        raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps} must be >= 0.")
-    if args.replay_samples_per_class is not None and args.replay_samples_per_class < 1:
-        raise ValueError(
-            f"--replay_samples_per_class={args.replay_samples_per_class} must be >= 1, or left unset for a "
-            "class-balanced replay pool."
-        )
-    seeds = _int_list("--seeds", args.seeds, "0,1,2")
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    check_at_least(
+        args, 1, "resolution", "classes_per_task", "train_batch_size", "first_task_steps", "task_steps", "num_threads"
+    )
+    check_at_least(args, 1, "top_k", "replay_samples_per_class")
+    check_at_least(args, 0, "num_workers", "lr_warmup_steps")
+    check_evaluation_arguments(args)
+    seeds = int_list("--seeds", args.seeds, "0,1,2")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds={args.seeds!r} must list distinct non-negative integers, e.g. 0,1,2.")
-    channels = _int_list("--block_out_channels", args.block_out_channels, "32,64,64")
-    bad = [c for c in channels if c < 1 or c % args.norm_num_groups]
-    if bad:
-        raise ValueError(
-            f"--block_out_channels={args.block_out_channels}: widths {bad} do not divide by --norm_num_groups="
-            f"{args.norm_num_groups}; pick widths that are multiples of it."
-        )
-    if args.resolution % 2 ** (len(channels) - 1):
-        raise ValueError(
-            f"--resolution={args.resolution} must divide by 2^(levels - 1) = {2 ** (len(channels) - 1)} for "
-            f"{len(channels)} UNet levels; change --resolution or --block_out_channels."
-        )
+    if args.resolution is not None:
+        unet_config_from_args(args, 1, args.resolution)
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder.")
     selected_methods(args)
 
 
 def load_data(args: argparse.Namespace):
-    data = load_image_classification_data(
-        args.dataset_name,
-        resolution=args.resolution,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        cache_dir=args.cache_dir,
-    )
-    tasks = make_task_layout(
-        data.class_ids,
-        classes_per_task=args.classes_per_task,
-        first_task_classes=args.first_task_classes,
-        class_order=args.class_order,
-        seed=0,
-    )
+    """The data and the task layout (sorted or explicit class order; a shuffled one is drawn with seed 0)."""
+    data, tasks = load_protocol(args, layout_seed=0)
     if len(tasks) < 2:
         raise ValueError(
             f"--classes_per_task={args.classes_per_task} leaves a single task for the {data.num_classes} classes of "
             f"{data.name!r}: a continual benchmark needs at least 2 tasks; lower --classes_per_task."
         )
     return data, tasks
-
-
-def unet_config(args: argparse.Namespace, num_channels: int) -> dict:
-    """Keyword arguments of the UNet2DModel shared by every method (self-attention at the lowest resolution)."""
-    channels = _int_list("--block_out_channels", args.block_out_channels, "32,64,64")
-    last = len(channels) - 1
-    return dict(
-        sample_size=args.resolution,
-        in_channels=num_channels,
-        out_channels=num_channels,
-        block_out_channels=tuple(channels),
-        layers_per_block=args.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if i == last else "DownBlock2D" for i in range(len(channels))),
-        up_block_types=tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(len(channels))),
-        norm_num_groups=args.norm_num_groups,
-        attention_head_dim=args.attention_head_dim,
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,39 +321,31 @@ class FunLoRALearner(Learner):
         self.method = method
         self.target_modules: list[str] | None = None  # None: every conv
         self.importance: dict | None = None
-        self.model = get_peft_model(_seeded_unet(config, seed), self.adapter_config(0), adapter_name="task_0")
+        self.model = get_peft_model(_seeded_unet(config, seed), self.adapter_config(0), adapter_name=task_name(0))
         self.model.to(device)
 
-    def adapter_config(self, task: int) -> FunLoRAConfig:
-        return FunLoRAConfig(
-            class_ids=list(self.tasks[task]),
+    def adapter_config(self, task: int):
+        return task_adapter_config(
+            self.tasks[task],
+            task,
+            self.seed,
             function=self.method.function,
             num_functions=self.method.num_functions,
             target_modules=self.target_modules,
-            init_seed=self.seed * 1000 + task,
         )
 
     def begin_task(self, task: int) -> list[dict]:
-        if f"task_{task}" not in self.model.peft_config:
-            self.model.add_adapter(f"task_{task}", self.adapter_config(task))
+        if task_name(task) not in self.model.peft_config:
+            self.model.add_adapter(task_name(task), self.adapter_config(task))
             self.model.to(self.device)
-        self.model.set_adapter(f"task_{task}")
-        suffix = f".task_{task}"
-        adapter, backbone = [], []
-        for name, param in self.model.named_parameters():
-            if ADAPTER_PREFIX in name:
-                param.requires_grad_(name.endswith(suffix))
-                if name.endswith(suffix):
-                    adapter.append(param)
-            else:
-                param.requires_grad_(task == 0)
-                if task == 0:
-                    backbone.append(param)
+        set_trainable(self.model, task)
         self.model.train()
-        groups = [{"params": adapter, "lr": self.args.adapter_learning_rate}]
-        if backbone:
-            groups.insert(0, {"params": backbone, "lr": self.args.learning_rate})
-        return groups
+        return optimizer_groups(
+            self.model,
+            task,
+            learning_rate=self.args.learning_rate,
+            adapter_learning_rate=self.args.adapter_learning_rate,
+        )
 
     def end_task(self, task: int) -> None:
         if task == 0 and self.method.top_k:
@@ -455,7 +364,7 @@ class FunLoRALearner(Learner):
             tuner.unmerge_adapter()
 
     def extra_parameters_per_class(self) -> float:
-        counts = [adapter_parameter_count(self.model, f"task_{k}") / len(c) for k, c in enumerate(self.tasks) if k]
+        counts = [adapter_parameter_count(self.model, task_name(k)) / len(c) for k, c in enumerate(self.tasks) if k]
         return sum(counts) / len(counts)
 
 
@@ -582,7 +491,7 @@ def train_steps(learner: Learner, groups: list[dict], images, labels, num_steps:
 
 @torch.no_grad()
 def sample_fn_of(learner: Learner, data) -> Callable:
-    """A `funlora_peft.continual.evaluation.SampleFn`: single-class batches, noise from the class's generator on CPU."""
+    """A `SampleFn` (`funlora_peft.continual.evaluation`): single-class batches, noise from the class's generator."""
     shape = (data.num_channels, data.resolution, data.resolution)
 
     @torch.no_grad()
@@ -617,6 +526,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def make_evaluator(args: argparse.Namespace, data, tasks, seed: int, classifier_state: dict | None = None):
+    """The evaluation of every method with `seed`: one fixed real-data classifier (trained here without a state)."""
+    classifier = None
+    if classifier_state is not None:
+        classifier = SmallClassifier(data.num_channels, len(data.class_names), data.resolution)
+        classifier.load_state_dict(classifier_state)
+    else:
+        classifier = train_classifier(
+            data.train_images,
+            data.train_labels,
+            num_classes=len(data.class_names),
+            epochs=args.classifier_epochs,
+            seed=seed,
+            augment=args.classifier_augment,
+        )
+    return ContinualEvaluator(
+        data,
+        tasks,
+        seed=seed,
+        samples_per_class=args.eval_samples_per_class,
+        classifier_epochs=args.classifier_epochs,
+        classifier_augment=args.classifier_augment,
+        classifier=classifier,
+    )
+
+
 def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_state: dict) -> dict:
     """Train and evaluate one method with one seed; returns its metrics (JSON-serialisable)."""
     torch.set_num_threads(args.num_threads)
@@ -626,40 +561,13 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
         torch.cuda.reset_peak_memory_stats(device)
     data, tasks = load_data(args)
     num_labels = len(data.class_names)
-    classifier = SmallClassifier(data.num_channels, num_labels, data.resolution)
-    classifier.load_state_dict(classifier_state)
-    classifier.eval()
-    config = unet_config(args, data.num_channels)
+    evaluator = make_evaluator(args, data, tasks, seed, classifier_state)
+    config = unet_config_from_args(args, data.num_channels, data.resolution)
     learner = make_learner(method, args, config, tasks, seed, device, num_labels)
     sample_fn = sample_fn_of(learner, data)
 
-    def evaluate(upto: int) -> dict:
-        seen_tasks = tasks[: upto + 1]
-        seen = [c for task in seen_tasks for c in task]
-        started = time.perf_counter()
-        images, labels = generate_per_class(sample_fn, seen, args.eval_samples_per_class, seed=seed)
-        stage = evaluate_stage(
-            classifier,
-            data.test_images,
-            data.test_labels,
-            seen_tasks,
-            images,
-            labels,
-            num_classes=num_labels,
-            seed=seed,
-            epochs=args.classifier_epochs,
-            augment=True,
-        )
-        return {
-            "task": upto,
-            "cas": stage.cas,
-            "cas_per_task": stage.cas_per_task,
-            "recognition": stage.recognition,
-            "accuracy_per_task": stage.recognition_per_task,
-            "fd": stage.fd,
-            "eval_seconds": time.perf_counter() - started,
-            "samples_sha256": {str(c): tensor_sha256(images[labels == c]) for c in seen},
-        }
+    def evaluate(upto: int):
+        return evaluator.evaluate(sample_fn, upto)[0]
 
     stages, train_seconds, generation_seconds = [], [], 0.0
     if method.kind == "joint":
@@ -697,12 +605,12 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
         "method": method_key,
         "name": row_name(method, args),
         "seed": seed,
-        "stages": stages,
-        "final_cas": stages[-1]["cas"],
+        "stages": [asdict(stage) for stage in stages],
+        "final_cas": stages[-1].cas,
         "average_incremental_cas": None,
         "forgetting": None,
         "old_samples_identical": None,
-        "fd": stages[-1]["fd"],
+        "fd": stages[-1].fd,
         "extra_parameters_per_class": learner.extra_parameters_per_class(),
         "train_seconds": sum(train_seconds),
         "train_seconds_per_task": train_seconds,
@@ -715,18 +623,14 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
         "device": str(device),
     }
     if method.kind != "joint":
-        matrix = AccuracyMatrix()
+        metrics = ContinualMetrics(task_layout=tasks)
         for stage in stages:
-            matrix.append(stage["accuracy_per_task"])
+            metrics.add(stage)
         result.update(
-            average_incremental_cas=sum(stage["cas"] for stage in stages) / len(stages),
-            forgetting=matrix.forgetting(),
-            accuracy_matrix=matrix.rows,
-            old_samples_identical=all(
-                later["samples_sha256"][c] == digest
-                for earlier, later in zip(stages, stages[1:])
-                for c, digest in earlier["samples_sha256"].items()
-            ),
+            average_incremental_cas=metrics.average_cas,
+            forgetting=metrics.forgetting,
+            accuracy_matrix=metrics.accuracy_matrix.rows,
+            old_samples_identical=metrics.old_samples_identical,
         )
     if method.top_k:
         result["target_modules_after_task_0"] = learner.target_modules
@@ -775,7 +679,7 @@ def _pm(entry: dict | None, digits: int = 3) -> str:
 
 
 def results_table(args, methods: list[Method], summaries: dict, info: dict, notes: list[str]) -> str:
-    seeds = _int_list("--seeds", args.seeds, "0,1,2")
+    seeds = int_list("--seeds", args.seeds, "0,1,2")
     lines = [
         f"Class-incremental {info['dataset']} at {args.resolution}x{args.resolution}: {info['num_tasks']} tasks "
         f"({info['task_layout']}); UNet2DModel block_out_channels ({args.block_out_channels}), layers_per_block "
@@ -860,29 +764,18 @@ def main(args: argparse.Namespace) -> dict:
         methods, notes = selected_methods(args)
         data, tasks = load_data(args)
     except (ValueError, TypeError) as error:
-        raise SystemExit(f"benchmark.py: error: {error}") from None
+        raise script_error("benchmark.py", error) from None
     torch.set_num_threads(args.num_threads)
-    seeds = _int_list("--seeds", args.seeds, "0,1,2")
+    seeds = int_list("--seeds", args.seeds, "0,1,2")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    num_labels = len(data.class_names)
 
     # One fixed real-data classifier per seed, shared by every method (recognition accuracy, forgetting, FD).
     classifiers, real_accuracy = {}, {}
-    layout = [c for task in tasks for c in task]
-    keep = torch.isin(data.test_labels, torch.tensor(layout))
     for seed in seeds:
-        classifier = train_classifier(
-            data.train_images,
-            data.train_labels,
-            num_classes=num_labels,
-            epochs=args.classifier_epochs,
-            seed=seed,
-            augment=True,
-        )
-        classifiers[seed] = {k: v.detach().cpu() for k, v in classifier.state_dict().items()}
-        predictions = predict(classifier, data.test_images[keep], class_ids=layout)
-        real_accuracy[seed] = (predictions == data.test_labels[keep]).double().mean().item()
+        evaluator = make_evaluator(args, data, tasks, seed)
+        classifiers[seed] = {k: v.detach().cpu() for k, v in evaluator.classifier.state_dict().items()}
+        real_accuracy[seed] = evaluator.real_data_accuracy
     print(f"real-data classifier accuracy: {real_accuracy}", flush=True)
 
     # Longest jobs first, so that the two workers finish together.

@@ -6,7 +6,7 @@ Run from the repository root (the script finds `funlora_peft` in the checkout wh
     python examples/benchmark_adapter.py --quick            # the 16x16 UNet only (about 1 min)
     python examples/benchmark_adapter.py --device cuda --output benchmark.json   # GPU; also write the results as JSON
 
-On a CPU shared with other jobs the script runs with 1 torch thread (see `--threads`): with several threads, OpenMP
+On a CPU shared with other jobs the script runs with 1 torch thread (see `--num_threads`): with several threads, OpenMP
 threads that lose their core to another process stall the others at every parallel region, and steps run up to 10x
 slower and erratically.
 
@@ -759,20 +759,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Function families to benchmark (default all four).",
     )
     parser.add_argument(
-        "--many-classes",
+        "--many_classes",
         choices=["auto", "all", "small", "none"],
         default="auto",
         help="Where to run the 1,000-class (100-adapter) training step: every size, the 16x16 UNet only, or nowhere. "
         "Default auto: every size on CUDA, 16x16 only on CPU (the 32x32 injection and steps take minutes there).",
     )
     parser.add_argument(
-        "--merged-tolerance",
+        "--merged_tolerance",
         type=float,
         default=0.1,
         help="Pass band of the merged single-class sampling ratio around 1.0 (machine noise); default 0.1.",
     )
     parser.add_argument(
-        "--threads",
+        "--num_threads",
         type=int,
         default=None,
         help="torch.set_num_threads for CPU runs. Default: torch's default, or 1 when the machine is busy at start "
@@ -788,8 +788,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sampling forward (first function of --functions) for every size.",
     )
     parser.add_argument(
-        "--profile-rows", type=int, default=20, help="Number of ops in each --profile table (default 20)."
+        "--profile_rows", type=int, default=20, help="Number of ops in each --profile table (default 20)."
     )
+    # Earlier spellings, kept working.
+    parser.add_argument("--threads", dest="num_threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--many-classes", dest="many_classes", choices=["auto", "all", "small", "none"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--merged-tolerance", dest="merged_tolerance", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-rows", dest="profile_rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=None, help="Also write the results as JSON to this file.")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -808,14 +815,14 @@ def main(args: argparse.Namespace) -> BenchmarkReport:
     start = time.perf_counter()
     device = torch.device(args.device)
     notes: list[str] = []
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     elif device.type == "cpu" and machine_is_busy(torch.get_num_threads()):
         notes.append(
             f"The machine was busy at start (1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
             f"cores), so the benchmark runs with 1 torch thread instead of {torch.get_num_threads()}: when other "
             "processes hold the cores, OpenMP threads wait for each other at every parallel region and steps run up "
-            "to 10x slower and erratically, the many small per-class ops most. Pass --threads N to override."
+            "to 10x slower and erratically, the many small per-class ops most. Pass --num_threads N to override."
         )
         torch.set_num_threads(1)
 
@@ -826,17 +833,22 @@ def main(args: argparse.Namespace) -> BenchmarkReport:
     if many == "auto":
         many = "all" if device.type == "cuda" else "small"
     machine = machine_info(device)
-    if device.type == "cpu" and args.threads is not None and args.threads > 1 and machine_is_busy(args.threads):
+    if (
+        device.type == "cpu"
+        and args.num_threads is not None
+        and args.num_threads > 1
+        and machine_is_busy(args.num_threads)
+    ):
         notes.append(
             f"The machine was busy at start (1-minute load average {machine.load_average:.1f} on "
-            f"{machine.cpu_count} cores) and torch uses {args.threads} threads: when other processes hold the cores, "
-            "OpenMP threads wait for each other at every parallel region, and steps can run up to 10x slower and "
-            "erratically. --threads 1 gives stable ratios on a shared machine."
+            f"{machine.cpu_count} cores) and torch uses {args.num_threads} threads: when other processes hold the "
+            "cores, OpenMP threads wait for each other at every parallel region, and steps can run up to 10x slower "
+            "and erratically. --num_threads 1 gives stable ratios on a shared machine."
         )
     if many == "small" and "32x32" in args.sizes:
         notes.append(
-            "The 1,000-class (100-adapter) step runs on the 16x16 UNet only (--many-classes small); pass "
-            "--many-classes all to run it on the 32x32 UNet too."
+            "The 1,000-class (100-adapter) step runs on the 16x16 UNet only (--many_classes small); pass "
+            "--many_classes all to run it on the 32x32 UNet too."
         )
     report = BenchmarkReport(
         machine=machine,

@@ -1,16 +1,18 @@
 """Layer-importance ablation: which convs does a new task need to adapt?
 
-Trains task 0 once (backbone + task 0's adapter on every conv, exactly as `examples/train.py`), scores the convs with
-the importance criterion, then trains tasks 1, 2, ... again and again, each time adapting a different set of convs:
+Runs `examples/train.py` once on every conv with the layers scored after task 0 (`--select_layers fraction=1`), then
+again and again from that run's task 0 (`--start_from_run`), each time adapting a different set of convs in tasks 1,
+2, ... (`--target_modules`):
 
 - `all`: every conv (the default protocol);
-- `top` / `bottom`: the k convs with the largest / smallest |I_l| (`funlora_peft.continual.importance.select_target_modules`);
+- `top` / `bottom`: the k convs with the largest / smallest |I_l| (`select_target_modules` of
+  `funlora_peft.continual.importance`);
 - `random`: k convs drawn at random (a different draw per seed).
 
-Every (set, k, seed) continues from the same task-0 backbone with the training script's own `train_task`, so the sets
-differ only in the convs the later tasks adapt; the seed changes the adapters' initialisation, the batches and the
-evaluation. After the last task the generator is evaluated as in the training script (CAS over all classes, recognition
-accuracy, FD). Writes `results.md`, `results.json` and `importance.png` to --output_dir.
+Every (set, k, seed) continues from the same task-0 backbone, so the sets differ only in the convs the later tasks
+adapt; the seed changes the adapters' initialisation, the batches and the evaluation. The training script evaluates
+every run (CAS over all classes, recognition accuracy, FD after the last task). Writes `results.md`, `results.json` and
+`importance.png` to --output_dir.
 
 ```bash
 python examples/layer_ablation.py --output_dir runs/layer_ablation              # k in {5, 10, 15}, 3 seeds each
@@ -25,7 +27,6 @@ Any other flag goes to the training script (e.g. `--function rshift`, `--task_st
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -33,35 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
+import train
 
-from funlora_peft.continual.importance import (
-    IMPORTANCE_FILE,
-    IMPORTANCE_PLOT,
-    block_of,
-    random_target_modules,
-    select_target_modules,
-)
-from funlora_peft.continual.training import (
-    CHECKPOINT_PREFIX,
-    Checkpointer,
-    TrainingState,
-    adapter_parameter_count,
-    save_adapter,
-)
-from funlora_peft.run_folder import INDEX_FILE
+from funlora_peft.continual.importance import block_of, random_target_modules, select_target_modules
+from funlora_peft.run_folder import CHECKPOINT_PREFIX, IMPORTANCE_PLOT, read_importance, read_metrics
 
 STRATEGIES = ("all", "top", "bottom", "random")
-
-
-def load_training_script():
-    path = Path(__file__).resolve().parent / "train.py"
-    spec = importlib.util.spec_from_file_location("funlora_train_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "layer_ablation.py"
+# Flags the ablation sets itself for every run of train.py.
+OWN_FLAGS = ("--output_dir", "--seed", "--select_layers", "--target_modules", "--start_from_run", "--push_to_hub")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -92,83 +73,61 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             values = [int(v) for v in getattr(args, flag).split(",") if v.strip()]
         except ValueError:
             raise SystemExit(
-                f"layer_ablation.py: error: --{flag}={getattr(args, flag)!r} must be integers, e.g. 5,10"
+                f"{SCRIPT}: error: --{flag}={getattr(args, flag)!r} must be integers, e.g. 5,10"
             ) from None
         if not values or (flag == "ks" and min(values) < 1):
-            raise SystemExit(f"layer_ablation.py: error: --{flag}={getattr(args, flag)!r} needs positive integers.")
+            raise SystemExit(f"{SCRIPT}: error: --{flag}={getattr(args, flag)!r} needs positive integers.")
         setattr(args, flag, values)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown or not args.strategies:
         raise SystemExit(
-            f"layer_ablation.py: error: --strategies={','.join(args.strategies)!r}: unknown {unknown}; choose among "
+            f"{SCRIPT}: error: --strategies={','.join(args.strategies)!r}: unknown {unknown}; choose among "
             f"{list(STRATEGIES)}."
         )
-    for flag in ("--output_dir", "--seed", "--select_layers", "--resume_from_checkpoint", "--push_to_hub"):
+    for flag in OWN_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in train_argv):
-            raise SystemExit(f"layer_ablation.py: error: {flag} is set by the ablation itself; leave it out.")
+            raise SystemExit(f"{SCRIPT}: error: {flag} is set by the ablation itself; leave it out.")
     return args, train_argv
 
 
-def train_args(train, train_argv: list[str], output_dir: Path, seed: int) -> argparse.Namespace:
-    targs = train.parse_args(
-        [
-            *train_argv,
-            "--output_dir",
-            str(output_dir),
-            "--seed",
-            str(seed),
-            "--report_to",
-            "none",
-            "--overwrite_output_dir",
-        ]
-    )
-    targs.checkpointing_steps = 10**9  # checkpoints only at the end of each task; removed after the run
-    targs.checkpoints_total_limit = 1
-    return targs
-
-
-def write_outputs(train, folder: Path, run, upto_task: int) -> None:
-    """The run folder after task `upto_task` (adapter, index), without the training script's per-task evaluation."""
-    save_adapter(run.model, f"task_{upto_task}", folder)
-    train.write_run_index(folder, run, upto_task)
+def run_training(train_argv: list[str], folder: Path, seed: int, *extra: str) -> float:
+    """One run of the training script into `folder`; returns its wall-clock seconds."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    started = time.perf_counter()
+    argv = [*train_argv, *extra, "--output_dir", str(folder), "--seed", str(seed), "--report_to", "none"]
+    argv += ["--checkpointing_steps", str(10**9), "--checkpoints_total_limit", "1"]  # end-of-task checkpoints only
+    train.main(train.parse_args(argv))
+    for checkpoint in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(checkpoint)
+    return time.perf_counter() - started
 
 
 def main() -> None:
     args, train_argv = parse_args()
+    output_dir = Path(args.output_dir)
     if args.report_only:
-        data = json.loads((Path(args.output_dir) / "results.json").read_text())
+        data = json.loads((output_dir / "results.json").read_text())
         report = summarise(data["runs"], data["importance"], data["task_layout"], data.get("seconds"), None)
-        (Path(args.output_dir) / "results.md").write_text(report)
+        (output_dir / "results.md").write_text(report)
         print(report)
         return
-    train = load_training_script()
-    torch.set_num_threads(1)
-    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() or None)
-    hooks = Checkpointer(accelerator)
     started = time.perf_counter()
 
-    # Task 0, once: the training script's own preparation, training and outputs.
+    # Task 0 once, on every conv, with the layers scored after it (fraction=1 keeps every conv for its later tasks:
+    # the run is also the set `all` with seed 0).
     base = output_dir / "task0"
-    base_args = train_args(train, train_argv, base, seed=0)
-    base_args.select_layers = "top_k=1"  # only to have the scores written; every set is chosen below
-    run = train.prepare_run(base_args, accelerator)
-    if len(run.tasks) < 2:
-        raise SystemExit("layer_ablation.py: error: the task layout has one task; later tasks are what is compared.")
-    evaluator = train.Evaluator(base_args, run.data, run.tasks)
-    metrics = {"tasks": []}
-    run.model.to(accelerator.device)
-    (base / "samples").mkdir(parents=True, exist_ok=True)
-    global_step, result = train.train_task(base_args, accelerator, run, hooks, 0, 0)
-    train.write_task_outputs(base_args, accelerator, run, evaluator, metrics, 0, result, global_step)
-    train.select_layers(base_args, accelerator, run)
-    importance = json.loads((base / IMPORTANCE_FILE).read_text())
-    scores = importance["scores"]
+    base_seconds = run_training(train_argv, base, 0, "--select_layers", "fraction=1")
+    importance = read_importance(base)
+    scores = importance.scores
     shutil.copy(base / IMPORTANCE_PLOT, output_dir / IMPORTANCE_PLOT)
-    task0_seconds = time.perf_counter() - started
-    print(f"task 0 trained and layers scored ({importance['detail']}) in {task0_seconds:.0f}s", flush=True)
+    base_metrics = read_metrics(base)
+    task0_seconds = base_metrics.tasks[0].train_seconds + base_metrics.tasks[0].eval_seconds + importance.seconds
+    print(
+        f"task 0 trained, layers scored ({importance.detail}), tasks 1+ on all convs: {base_seconds:.0f}s", flush=True
+    )
     ks = [k for k in args.ks if k <= len(scores)]
 
     configs = []
@@ -178,72 +137,52 @@ def main() -> None:
                 configs.append((strategy, k, seed))
 
     results = []
-    evaluators: dict[int, object] = {}
     for strategy, k, seed in configs:
         name = f"{strategy}" + (f"-k{k}" if k else "") + f"-seed{seed}"
         if strategy == "all":
-            selected = None
+            selected = list(scores)
         elif strategy == "random":
             selected = random_target_modules(scores, k, seed=seed)
         else:
             selected = select_target_modules(scores, top_k=k, largest=strategy == "top")
         folder = output_dir / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        for part in ("backbone", "task_0", INDEX_FILE):
-            source = base / part
-            shutil.copytree(source, folder / part) if source.is_dir() else shutil.copy(source, folder / part)
-        targs = train_args(train, train_argv, folder, seed)
-        if seed not in evaluators:
-            evaluators[seed] = train.Evaluator(targs, run.data, run.tasks)
-        config = train.unet_config(targs, run.data.num_channels)
-        model = train.build_model(targs, config, run.tasks, 1, folder, selected).to(accelerator.device)
-        key = train.run_key(targs, run.tasks, accelerator.num_processes, accelerator.mixed_precision)
-        sub = train.Run(
-            data=run.data,
-            tasks=run.tasks,
-            model=model,
-            key=key,
-            start=TrainingState(task=1, task_step=0, global_step=0, run_key=key),
-            selected=selected,
-        )
-        t0 = time.perf_counter()
-        global_step, train_seconds = 0, 0.0
-        for task in range(1, len(run.tasks)):
-            global_step, result = train.train_task(targs, accelerator, sub, hooks, task, global_step)
-            train_seconds += result.train_seconds
-            write_outputs(train, folder, sub, task)
-        row, _ = evaluators[seed](folder, len(run.tasks) - 1, accelerator.device)
-        per_class = adapter_parameter_count(model, "task_1") // len(run.tasks[1])
+        if strategy == "all" and seed == 0:
+            folder, seconds = base, base_seconds  # the first run is this one
+        else:
+            extra = ["--start_from_run", str(base)]
+            if strategy != "all":
+                extra += ["--target_modules", ",".join(selected)]
+            seconds = run_training(train_argv, folder, seed, *extra)
+        metrics = read_metrics(folder)
+        final = metrics.tasks[-1]
         result_row = {
             "strategy": strategy,
             "k": k if k else len(scores),
             "seed": seed,
-            "layers": selected if selected is not None else list(scores),
-            "cas": row["cas"],
-            "recognition": row["recognition"],
-            "accuracy_per_task": row["accuracy_per_task"],
-            "fd": row["fd"],
-            "extra_parameters_per_class": per_class,
-            "train_seconds": round(train_seconds, 1),
-            "seconds": round(time.perf_counter() - t0, 1),
+            "layers": selected,
+            "cas": final.cas,
+            "recognition": final.recognition,
+            "accuracy_per_task": final.accuracy_per_task,
+            "fd": final.fd,
+            "extra_parameters_per_class": metrics.tasks[1].extra_parameters_per_class,
+            "train_seconds": round(sum(row.train_seconds for row in metrics.tasks[1:]), 1),
+            "seconds": round(seconds, 1),
         }
         results.append(result_row)
         print(
-            f"{name}: CAS {row['cas']:.4f} | recognition {row['recognition']:.4f} | FD {row['fd']:.2f} | "
-            f"{per_class} parameters per class | {result_row['seconds']:.0f}s",
+            f"{name}: CAS {final.cas:.4f} | recognition {final.recognition:.4f} | FD {final.fd:.2f} | "
+            f"{result_row['extra_parameters_per_class']} parameters per class | {seconds:.0f}s",
             flush=True,
         )
-        for checkpoint in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(checkpoint)
-        if not args.keep_runs:
+        if not args.keep_runs and folder != base:
             shutil.rmtree(folder)
-        data = {"importance": importance, "task_layout": run.tasks, "runs": results}
+        data = {"importance": importance.to_dict(), "task_layout": base_metrics.task_layout, "runs": results}
         data.update(seconds=round(time.perf_counter() - started, 1), task0_seconds=round(task0_seconds, 1))
         (output_dir / "results.json").write_text(json.dumps(data, indent=1))
 
-    report = summarise(results, importance, run.tasks, time.perf_counter() - started, task0_seconds)
+    report = summarise(
+        results, importance.to_dict(), metrics.task_layout, time.perf_counter() - started, task0_seconds
+    )
     (output_dir / "results.md").write_text(report)
     print(report)
 
@@ -317,4 +256,4 @@ def summarise(results: list[dict], importance: dict, tasks, seconds: float | Non
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,21 +2,10 @@
 
 Task 0 trains the backbone together with task 0's adapter; every later task trains ONLY its own new adapter, on its own
 task's data only, with the backbone and all older adapters frozen and absent from the optimizer: the classes of earlier
-tasks keep bit-identical outputs. After each task the script writes the run folder read by
-`FunLoRAPipeline.from_pretrained` and evaluates the generator from that folder:
-
-```
-output_dir/
-  funlora.json                    index of the run (tasks, class ids, sha256 of every safetensors file)
-  backbone/                       UNet2DModel, diffusers format (safetensors), written once after task 0
-  task_0/, task_1/, ...           adapter_config.json + adapter_model.safetensors of each task
-  samples/after_task_k.png        one row of samples per class seen so far
-  metrics.json                    real-data accuracy, then per task: CAS, recognition accuracy per task, FD, ...
-  importance.json, importance.png with --select_layers: the layer scores I_l, the chosen convs, their bar plot
-  README.md                       model card (funlora_peft.model_card)
-  logs/                           tensorboard
-  checkpoint-N/                   resumable training state (accelerate), written atomically
-```
+tasks keep bit-identical outputs. After each task the script writes the run folder (`funlora_peft.run_folder`: the
+backbone once, `task_k/`, `funlora.json`, `metrics.json`, `samples/after_task_k.png`, the model card, with
+--select_layers `importance.json` and `importance.png`, and resumable `checkpoint-N/` folders) and evaluates the
+generator loaded back from that folder with `FunLoRAPipeline.from_pretrained`.
 
 Commands (from the repository root). With no flag at all the script runs the embedded digits protocol: scikit-learn's
 digits at 16x16, 5 tasks of 2 classes, a 1.1M-parameter UNet, cos FunLoRA with p = 10 on all 35 convs (4,990 extra
@@ -29,16 +18,18 @@ accelerate launch examples/train.py --output_dir runs/digits-rshift --function r
 accelerate launch --multi_gpu --num_processes 2 examples/train.py --output_dir runs/ddp      # 2 GPUs, or gloo on CPU
 accelerate launch examples/train.py --resume_from_checkpoint latest         # continue a killed run where it stopped
 accelerate launch examples/train.py --output_dir runs/digits-top10 --select_layers top_k=10   # later tasks: 10 convs
+accelerate launch examples/train.py --output_dir runs/digits-lr3 --start_from_run runs/digits \
+    --adapter_learning_rate 0.3                                              # task 0 of runs/digits, new later tasks
 accelerate launch examples/train.py --dataset_name uoft-cs/cifar100 --image_column img --label_column fine_label \
     --resolution 32 --classes_per_task 20 --block_out_channels 128,256,256,256 --layers_per_block 2 \
     --norm_num_groups 32 --first_task_steps 20000 --task_steps 5000 --train_batch_size 128 --mixed_precision bf16
 ```
 
-Evaluation (`funlora_peft.continual.evaluation`): a classifier trained once on the real training images gives the upper bound
-(`real_data_accuracy`) and the FIXED recognition classifier; after task k the generator's samples of every class seen
-so far (per-class seeds, single-class batches, sampled with a `FunLoRAPipeline` loaded from the output folder) give the
-CAS (a fresh classifier trained on the samples only, tested on the real test images), row k of the recognition
-accuracy matrix and the Frechet distance in the real classifier's feature space.
+Evaluation (`funlora_peft.continual.evaluation.ContinualEvaluator`): a classifier trained once on the real training
+images gives the upper bound (`real_data_accuracy`) and the FIXED recognition classifier; after task k the generator's
+samples of every class seen so far (per-class seeds, single-class batches) give the CAS (a fresh classifier trained on
+the samples only, tested on the real test images), row k of the recognition accuracy matrix and the Frechet distance
+in the real classifier's feature space.
 """
 
 from __future__ import annotations
@@ -60,67 +51,70 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from peft import get_peft_model, set_peft_model_state_dict
+from peft import get_peft_model
+from protocol_args import (
+    add_data_arguments,
+    add_evaluation_arguments,
+    add_unet_arguments,
+    check_at_least,
+    check_evaluation_arguments,
+    load_protocol,
+    script_error,
+    unet_config_from_args,
+)
 from tqdm.auto import tqdm
 
 import funlora_peft
-from funlora_peft import FunLoRAConfig, push_to_hub, write_model_card
-from funlora_peft.continual.data import load_image_classification_data, make_task_layout, task_dataset
-from funlora_peft.continual.evaluation import (
-    AccuracyMatrix,
-    evaluate_stage,
-    generate_per_class,
-    predict,
-    train_classifier,
+from funlora_peft import FunLoRAConfig, FunLoRAPipeline, push_to_hub, write_model_card
+from funlora_peft.continual.checkpoint import (
+    CHECKPOINT_FILES,
+    Checkpointer,
+    CheckpointError,
+    TrainingState,
+    check_checkpoint_tensors,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
 )
+from funlora_peft.continual.evaluation import ContinualEvaluator, ContinualMetrics
 from funlora_peft.continual.importance import (
-    IMPORTANCE_FILE,
-    IMPORTANCE_PLOT,
+    ImportanceRecord,
+    apply_selection,
     compute_layer_importance,
     parse_selection,
     plot_layer_importance,
     probe_layer_importance,
-    read_importance,
-    select_target_modules,
 )
+from funlora_peft.continual.tasks import task_dataset
 from funlora_peft.continual.training import (
-    ADAPTER_PREFIX,
-    CHECKPOINT_FILES,
-    CHECKPOINT_PREFIX,
-    Checkpointer,
-    CheckpointError,
-    TrainingState,
     adapter_parameter_count,
-    check_checkpoint_tensors,
     draw_training_batch,
-    make_image_grid,
-    pipeline_sample_fn,
-    read_checkpoint,
-    resolve_checkpoint,
-    save_adapter,
-    save_backbone,
-    save_checkpoint,
+    optimizer_groups,
+    set_trainable,
     step_generator,
-    tensor_sha256,
-    write_json_atomic,
+    task_adapter_config,
+    trainable_parameter_names,
 )
 from funlora_peft.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, t_to_model_timestep
-from funlora_peft.pipeline import FunLoRAPipeline
+from funlora_peft.pipeline import default_grid_scale, make_image_grid, pipeline_sample_fn
 from funlora_peft.run_folder import (
     BACKBONE_SUBFOLDER,
-    INDEX_FILE,
-    TaskEntry,
+    IMPORTANCE_FILE,
+    attach_tasks,
     load_backbone,
-    read_adapter,
+    read_importance,
     read_index,
-    write_index,
+    read_metrics,
+    run_outputs,
+    save_run,
+    task_name,
+    write_importance,
+    write_metrics,
+    write_sample_grid,
 )
-from funlora_peft.tuner.model import check_adapter_state_dict
 
 logger = get_logger(__name__)
-
-METRICS_FILE = "metrics.json"
-SAMPLES_SUBFOLDER = "samples"
+SCRIPT = "train.py"
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -128,66 +122,35 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         description="Class-incremental training of a flow-matching UNet2DModel with FunLoRA adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # Data and task layout
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Dataset: None or 'digits' (scikit-learn's digits, embedded, no download), a Hugging Face Hub dataset "
-        "name (e.g. 'uoft-cs/cifar100') or a local imagefolder directory (one sub-folder of images per class).",
-    )
-    parser.add_argument("--image_column", type=str, default="image", help="Column holding the images (Hub datasets).")
-    parser.add_argument("--label_column", type=str, default="label", help="Column holding the class labels.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Cache directory of the `datasets` library.")
-    parser.add_argument("--resolution", type=int, default=16, help="Images are resized to resolution x resolution.")
-    parser.add_argument(
-        "--classes_per_task", type=int, default=2, help="Classes per task (and in task 0 unless --first_task_classes)."
-    )
-    parser.add_argument("--first_task_classes", type=int, default=None, help="Classes in task 0 (default: as others).")
-    parser.add_argument(
-        "--class_order",
-        type=str,
-        default=None,
-        help="Order in which classes arrive: 'sorted' (default), 'shuffle' (seeded by --seed) or a comma-separated "
-        "list of class ids such as '3,1,2,0' (classes not listed are left out).",
-    )
-    # UNet
-    parser.add_argument(
-        "--block_out_channels", type=str, default="32,64,64", help="Channels of each UNet level, comma-separated."
-    )
-    parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per UNet block.")
-    parser.add_argument(
-        "--attention_level",
-        type=str,
-        default="last",
-        help="UNet level (0 = full resolution) whose blocks get self-attention: an index, 'last' (the lowest "
-        "resolution) or 'none'.",
-    )
-    parser.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; must divide every width.")
-    parser.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
-    # FunLoRA
-    parser.add_argument(
+    add_data_arguments(parser, resolution=16)
+    add_unet_arguments(parser, block_out_channels="32,64,64")
+    funlora = parser.add_argument_group("FunLoRA")
+    funlora.add_argument(
         "--function",
         type=str,
         default="cos",
         help=f"FunLoRA function family: one of {sorted(funlora_peft.FUNCTIONS)}.",
     )
-    parser.add_argument("--num_functions", type=int, default=10, help="Number p of functions (1 for 'linear').")
-    parser.add_argument(
+    funlora.add_argument("--num_functions", type=int, default=10, help="Number p of functions (1 for 'linear').")
+    for name, field_ in FunLoRAConfig.__dataclass_fields__.items():
+        if name.startswith("init_") and name != "init_seed":
+            funlora.add_argument(f"--{name}", type=float, default=field_.default, help=field_.metadata["help"])
+    funlora.add_argument(
         "--target_modules",
         type=str,
         default=None,
         help="Convs to adapt: comma-separated module names or name suffixes as in PEFT (default: every Conv2d).",
     )
-    parser.add_argument(
+    funlora.add_argument(
         "--select_layers",
         type=str,
         default=None,
-        help="Adapt only the most important convs in tasks 1, 2, ...: 'top_k=K' or 'fraction=F'. After task 0 the "
-        "layers are scored (--importance_source) and the K (or F of all) with the largest |I_l| are kept; the "
-        "scores, the selection and importance.png go to --output_dir. Default: the same convs in every task.",
+        help="Adapt only the most important convs in tasks 1, 2, ...: 'top_k=K' or 'fraction=F' (for ablations also "
+        "'bottom_k=K', the least important, and 'random_k=K', drawn with --seed). After task 0 the layers are scored "
+        "(--importance_source) and the selection is kept; the scores, the selection and importance.png go to "
+        "--output_dir. Default: the same convs in every task.",
     )
-    parser.add_argument(
+    funlora.add_argument(
         "--importance_source",
         type=str,
         default="probe",
@@ -196,82 +159,90 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "the task-0 backbone frozen, the regime every later task trains in. 'task0': task 0's own adapters, free, "
         "but trained together with the backbone, which absorbs part of what they would otherwise carry.",
     )
-    parser.add_argument(
+    funlora.add_argument(
         "--importance_probe_steps", type=int, default=50, help="Optimisation steps of the probe (--importance_source)."
     )
-    # Training
-    parser.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
-    parser.add_argument(
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
+    training.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="Start a fresh run even if --output_dir holds a previous run's outputs (they are deleted).",
     )
-    parser.add_argument(
+    training.add_argument(
+        "--start_from_run",
+        type=str,
+        default=None,
+        help="Take the backbone and task 0 of this run folder (same data, task layout and UNet) instead of training "
+        "them, and train tasks 1, 2, ... here with this command's flags: several recipes for the later tasks from "
+        "one task 0.",
+    )
+    training.add_argument(
         "--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation."
     )
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
-    parser.add_argument(
+    training.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
+    training.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimisation step."
     )
-    parser.add_argument("--first_task_steps", type=int, default=300, help="Optimisation steps of task 0.")
-    parser.add_argument("--task_steps", type=int, default=100, help="Optimisation steps of every later task.")
-    parser.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the backbone (task 0).")
-    parser.add_argument(
+    training.add_argument("--first_task_steps", type=int, default=300, help="Optimisation steps of task 0.")
+    training.add_argument("--task_steps", type=int, default=100, help="Optimisation steps of every later task.")
+    training.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the backbone (task 0).")
+    training.add_argument(
         "--adapter_learning_rate", type=float, default=1e-1, help="Learning rate of the FunLoRA adapters."
     )
-    parser.add_argument(
+    training.add_argument(
         "--lr_scheduler",
         type=str,
         default="cosine",
         help='Scheduler of every task: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or '
         '"constant_with_warmup".',
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
-    parser.add_argument(
+    training.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
+    training.add_argument(
         "--time_distribution",
         type=str,
         default="uniform",
         choices=list(TIME_DISTRIBUTIONS),
         help="Distribution of the flow time t during training.",
     )
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean for --time_distribution logit_normal.")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="Std for --time_distribution logit_normal.")
-    parser.add_argument(
+    training.add_argument("--logit_mean", type=float, default=0.0, help="Mean for --time_distribution logit_normal.")
+    training.add_argument("--logit_std", type=float, default=1.0, help="Std for --time_distribution logit_normal.")
+    training.add_argument(
         "--use_ema", action="store_true", help="Keep an EMA of the trained weights; the EMA weights are saved."
     )
-    parser.add_argument("--ema_max_decay", type=float, default=0.999, help="Maximum EMA decay.")
-    parser.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
-    parser.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
-    parser.add_argument(
+    training.add_argument("--ema_max_decay", type=float, default=0.999, help="Maximum EMA decay.")
+    training.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
+    training.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
+    training.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Mixed precision; default: the value of `accelerate config` / `accelerate launch`.",
     )
-    parser.add_argument(
+    training.add_argument(
         "--num_threads",
         type=int,
         default=None,
         help="torch CPU threads per process (default: as launched; `accelerate launch` sets OMP_NUM_THREADS).",
     )
-    # Checkpoints
-    parser.add_argument(
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument(
         "--checkpointing_steps",
         type=int,
         default=500,
         help="Save a resumable checkpoint every this many optimisation steps (and at the end of every task's "
         "training).",
     )
-    parser.add_argument(
+    checkpoints.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
     )
-    parser.add_argument(
+    checkpoints.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
@@ -279,41 +250,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "that shape training must equal those of the run that wrote it. Checkpoints hold safetensors and JSON "
         "only, checked against the sha256 recorded when they were written.",
     )
-    parser.add_argument(
+    checkpoints.add_argument(
         "--interrupt_after_steps",
         type=int,
         default=None,
         help="Testing aid: stop the process right after this many optimisation steps over all tasks, leaving the "
         "run unfinished as if it had been killed; continue it with --resume_from_checkpoint latest.",
     )
-    # Evaluation and logging
-    parser.add_argument("--num_inference_steps", type=int, default=10, help="Euler steps (NFE) of the sampler.")
-    parser.add_argument("--eval_samples_per_class", type=int, default=100, help="Generated samples per class.")
-    parser.add_argument("--grid_samples_per_class", type=int, default=10, help="Columns of the sample grids.")
-    parser.add_argument(
-        "--classifier_epochs", type=int, default=15, help="Epochs of the real-data and of every CAS classifier."
-    )
-    parser.add_argument(
-        "--classifier_augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Random shifts when training the real-data and CAS classifiers.",
-    )
-    parser.add_argument(
+    add_evaluation_arguments(parser, eval_samples_per_class=100)
+    logs = parser.add_argument_group("logging and the Hub")
+    logs.add_argument("--grid_samples_per_class", type=int, default=10, help="Columns of the sample grids.")
+    logs.add_argument(
         "--report_to",
         type=str,
         default="tensorboard",
         help='Trackers for the logs: "tensorboard", "wandb", "all", or "none".',
     )
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
-    parser.add_argument(
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
+    logs.add_argument(
         "--push_to_hub",
         action="store_true",
         help="After every task, push the backbone (first), the task's adapter, the index and the card to the Hub.",
     )
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id 'user/name' for --push_to_hub.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your saved login).")
-    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    logs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id 'user/name' for --push_to_hub.")
+    logs.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your saved login).")
+    logs.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     return parser.parse_args(input_args)
 
 
@@ -322,94 +283,37 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _int_list(flag: str, value: str) -> list[int]:
-    try:
-        return [int(item) for item in value.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}={value!r} must be a comma-separated list of integers, e.g. 32,64,64.") from None
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work, naming the flag and the fix."""
-    for flag in (
+    check_at_least(
+        args,
+        1,
         "resolution",
         "train_batch_size",
         "gradient_accumulation_steps",
         "first_task_steps",
         "task_steps",
-        "layers_per_block",
-        "attention_head_dim",
         "grid_samples_per_class",
         "checkpointing_steps",
-        "num_inference_steps",
-        "classifier_epochs",
+        "checkpoints_total_limit",
         "num_functions",
-        "norm_num_groups",
         "importance_probe_steps",
-    ):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    if args.eval_samples_per_class < 2:
-        raise ValueError(
-            f"--eval_samples_per_class must be >= 2 (the Frechet distance needs a covariance), got "
-            f"{args.eval_samples_per_class}."
-        )
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1 or unset, got {args.checkpoints_total_limit}.")
+    )
+    check_evaluation_arguments(args)
     funlora_peft.get_function(args.function)
-    channels = _int_list("--block_out_channels", args.block_out_channels)
-    bad = [c for c in channels if c < 1 or c % args.norm_num_groups]
-    if bad:
-        raise ValueError(
-            f"--block_out_channels={args.block_out_channels}: widths {bad} do not divide by --norm_num_groups="
-            f"{args.norm_num_groups}; pick widths that are multiples of it."
-        )
-    if args.resolution % 2 ** (len(channels) - 1):
-        raise ValueError(
-            f"--resolution={args.resolution} must divide by 2^(levels - 1) = {2 ** (len(channels) - 1)} for "
-            f"{len(channels)} UNet levels; change --resolution or --block_out_channels."
-        )
-    attention_level(args, len(channels))
+    if args.resolution is not None:
+        unet_config_from_args(args, 1, args.resolution)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ValueError(f"--report_to={args.report_to!r} must be 'tensorboard', 'wandb', 'all' or 'none'.")
     if args.select_layers is not None:
-        parse_selection(args.select_layers)
+        try:
+            parse_selection(args.select_layers)
+        except ValueError as error:
+            raise ValueError(f"--select_layers: {error}") from None
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name: the Hub repo to push the run to.")
-
-
-def attention_level(args: argparse.Namespace, num_levels: int) -> int | None:
-    value = args.attention_level
-    if value == "none":
-        return None
-    if value == "last":
-        return num_levels - 1
-    try:
-        level = int(value)
-    except ValueError:
-        level = -1
-    if not 0 <= level < num_levels:
-        raise ValueError(f"--attention_level={value!r} must be 'none', 'last' or a level in 0..{num_levels - 1}.")
-    return level
-
-
-def unet_config(args: argparse.Namespace, num_channels: int) -> dict:
-    """Keyword arguments of the UNet2DModel (no class embedding: FunLoRA does all the conditioning)."""
-    channels = _int_list("--block_out_channels", args.block_out_channels)
-    level = attention_level(args, len(channels))
-    down = ["AttnDownBlock2D" if i == level else "DownBlock2D" for i in range(len(channels))]
-    up = ["AttnUpBlock2D" if len(channels) - 1 - i == level else "UpBlock2D" for i in range(len(channels))]
-    return dict(
-        sample_size=args.resolution,
-        in_channels=num_channels,
-        out_channels=num_channels,
-        block_out_channels=tuple(channels),
-        layers_per_block=args.layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        norm_num_groups=args.norm_num_groups,
-        attention_head_dim=args.attention_head_dim,
-    )
+    if args.start_from_run is not None and Path(args.start_from_run).resolve() == Path(args.output_dir).resolve():
+        raise ValueError("--start_from_run names --output_dir itself; continue a run with --resume_from_checkpoint.")
 
 
 def adapter_config(
@@ -421,23 +325,23 @@ def adapter_config(
         target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     if task > 0 and selected is not None:
         target_modules = list(selected)
-    config = FunLoRAConfig(
-        class_ids=list(class_ids),
+    return task_adapter_config(
+        class_ids,
+        task,
+        args.seed,
         function=args.function,
         num_functions=args.num_functions,
         target_modules=target_modules,
-        # Per-task seed: a task's initial adapter does not depend on what ran before it (exact resume).
-        init_seed=args.seed * 1000 + task,
+        **{name: getattr(args, name) for name in ("init_a_std", "init_b_std", "init_omega", "init_alpha")},
     )
-    return config
 
 
 def run_key(args: argparse.Namespace, tasks: list[list[int]], num_processes: int, mixed_precision: str) -> dict:
     """The settings that determine the training trajectory; a checkpoint only resumes a run with the same ones."""
     keys = (
         "dataset_name image_column label_column resolution block_out_channels layers_per_block attention_level "
-        "norm_num_groups attention_head_dim function num_functions target_modules select_layers importance_source "
-        "importance_probe_steps seed train_batch_size "
+        "norm_num_groups attention_head_dim function num_functions init_a_std init_b_std init_omega init_alpha "
+        "target_modules select_layers importance_source importance_probe_steps start_from_run seed train_batch_size "
         "gradient_accumulation_steps first_task_steps task_steps learning_rate adapter_learning_rate lr_scheduler "
         "lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm time_distribution "
         "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power"
@@ -458,141 +362,99 @@ class Run:
     key: dict
     start: TrainingState
     checkpoint: Path | None = None
-    metrics: dict = field(default_factory=dict)
+    metrics: ContinualMetrics = field(default_factory=ContinualMetrics)
     selected: list[str] | None = None  # the layers tasks 1, 2, ... adapt (--select_layers), once chosen
 
 
-def _run_outputs(output_dir: Path) -> list[str]:
-    """Names of a previous run's outputs in `output_dir`."""
-    if not output_dir.is_dir():
-        return []
-    names = []
-    for path in output_dir.iterdir():
-        if path.name in (
-            INDEX_FILE,
-            METRICS_FILE,
-            BACKBONE_SUBFOLDER,
-            SAMPLES_SUBFOLDER,
-            IMPORTANCE_FILE,
-            IMPORTANCE_PLOT,
-        ) or (path.is_dir() and (path.name.startswith(CHECKPOINT_PREFIX) or path.name.startswith("task_"))):
-            names.append(path.name)
-    return sorted(names)
-
-
-def build_model(
-    args, config: dict, tasks: list[list[int]], upto_task: int, output_dir: Path, selected: list[str] | None = None
-) -> torch.nn.Module:
-    """The PeftModel with adapters task_0..task_{upto_task}; finished tasks (< upto_task) come from `output_dir`."""
-    index = None
-    if upto_task == 0:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            unet = UNet2DModel(**config)
-    else:
-        index = read_index(output_dir)
-        unet = load_backbone(output_dir, index)
-        saved = {key: unet.config.get(key) for key in config}
-        if json.dumps(saved, sort_keys=True) != json.dumps(config, sort_keys=True):  # tuples and lists alike
-            raise CheckpointError(
-                f"{output_dir / BACKBONE_SUBFOLDER} was saved with another UNet configuration than the flags give."
-            )
-    model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name="task_0")
-    for task in range(1, upto_task + 1):
-        model.add_adapter(f"task_{task}", adapter_config(args, tasks[task], task, selected))
-    for task in range(upto_task):
-        entry = index.tasks[task]
-        _, tensors = read_adapter(output_dir, entry, index)  # sha256 and class ids checked
-        problem = check_adapter_state_dict(model, entry.name, tensors)
-        if problem is not None:
-            raise CheckpointError(f"{output_dir / entry.name}: {problem}")
-        set_peft_model_state_dict(model, tensors, adapter_name=entry.name)
-    return model
-
-
-def check_finished_tasks(output_dir: Path, tasks: list[list[int]], upto_task: int) -> dict:
-    """Check the outputs of tasks 0..upto_task-1 a resumed run keeps; returns metrics.json (its first rows)."""
-    metrics_path = output_dir / METRICS_FILE
-    if upto_task == 0:
-        return {}
-    try:
-        index = read_index(output_dir)
-        metrics = json.loads(metrics_path.read_text())
-        rows = metrics["tasks"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+def load_finished_tasks(config: dict, tasks: list[list[int]], upto_task: int, folder: Path) -> torch.nn.Module:
+    """The PeftModel of the backbone and tasks 0..upto_task-1 of the run folder `folder`, every file checked."""
+    index = read_index(folder)
+    unet = load_backbone(folder, index)
+    saved = {key: unet.config.get(key) for key in config}
+    if json.dumps(saved, sort_keys=True) != json.dumps(config, sort_keys=True):  # tuples and lists alike
         raise CheckpointError(
-            f"Resuming at task {upto_task} needs the outputs of tasks 0..{upto_task - 1} in {output_dir} "
-            f"({INDEX_FILE}, {METRICS_FILE}): {err}"
-        ) from None
-    names = [task.name for task in index.tasks]
-    for task in range(upto_task):
-        if task >= len(index.tasks) or names[task] != f"task_{task}" or index.tasks[task].class_ids != tasks[task]:
+            f"{folder / BACKBONE_SUBFOLDER} was saved with another UNet configuration than the flags."
+        )
+    names = [task_name(task) for task in range(upto_task)]
+    for task, name in enumerate(names):
+        if name not in index.task_names or index.tasks[index.task_names.index(name)].class_ids != tasks[task]:
             raise CheckpointError(
-                f"{output_dir / INDEX_FILE} does not list task_{task} with classes {tasks[task]}: the output folder "
-                "does not belong to this checkpoint's run."
+                f"{folder} does not hold {name} with classes {tasks[task]}: it belongs to another run or task layout."
             )
-        if task >= len(rows) or rows[task].get("class_ids") != tasks[task]:
-            raise CheckpointError(f"{metrics_path} lacks the row of finished task {task}.")
-    metrics["tasks"] = rows[:upto_task]
-    return metrics
+    return attach_tasks(unet, folder, names, index=index)  # sha256, class ids and every tensor checked
 
 
 def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Load the data, cut the tasks, build the model and check the checkpoint, without writing anything."""
     check_args(args)
     output_dir = Path(args.output_dir)
-    data = load_image_classification_data(
-        args.dataset_name,
-        resolution=args.resolution,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        cache_dir=args.cache_dir,
-    )
-    tasks = make_task_layout(
-        data.class_ids,
-        classes_per_task=args.classes_per_task,
-        first_task_classes=args.first_task_classes,
-        class_order=args.class_order,
-        seed=args.seed,
-    )
-    config = unet_config(args, data.num_channels)
+    data, tasks = load_protocol(args, layout_seed=args.seed)
+    config = unet_config_from_args(args, data.num_channels, data.resolution)
     key = run_key(args, tasks, accelerator.num_processes, accelerator.mixed_precision)
 
     checkpoint = None
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        try:
+            checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume_from_checkpoint: {error}") from None
         if checkpoint is None:
             logger.info(f"No checkpoint in {output_dir} to resume: starting a new run.")
-    previous = _run_outputs(output_dir)
+    previous = run_outputs(output_dir)
     if checkpoint is None and previous and not args.overwrite_output_dir:
         raise ValueError(
             f"--output_dir={output_dir} holds a previous run ({', '.join(previous[:6])}). Pass "
             "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
             "--output_dir."
         )
+    if checkpoint is None and args.start_from_run is not None:
+        if len(tasks) < 2:
+            raise ValueError("--start_from_run takes task 0 from another run, but the task layout has one task only.")
+        try:
+            model = load_finished_tasks(config, tasks, 1, Path(args.start_from_run))
+        except ValueError as error:
+            raise ValueError(f"--start_from_run: {error}") from None
+        start = TrainingState(task=1, task_step=0, global_step=0, run_key=key)
+        return Run(data=data, tasks=tasks, model=model, key=key, start=start)
     if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            unet = UNet2DModel(**config)
+        model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name=task_name(0))
         start = TrainingState(task=0, task_step=0, global_step=0, run_key=key)
-        model = build_model(args, config, tasks, 0, output_dir)
         return Run(data=data, tasks=tasks, model=model, key=key, start=start)
 
     start = read_checkpoint(checkpoint, key, required_files=CHECKPOINT_FILES)
     if not 0 <= start.task < len(tasks):
         raise CheckpointError(f"{checkpoint}: task {start.task} is not a task of this run ({len(tasks)} tasks).")
-    metrics = check_finished_tasks(output_dir, tasks, start.task)
+    metrics = ContinualMetrics()
     selected = None
-    if args.select_layers and start.task > 0:
-        importance = read_importance(output_dir)
-        if importance is None:
+    if start.task > 0:
+        metrics = read_metrics(output_dir)
+        rows = [] if metrics is None else metrics.tasks[: start.task]
+        if [row.class_ids for row in rows] != tasks[: start.task]:
             raise CheckpointError(
-                f"{output_dir / IMPORTANCE_FILE} is missing: the layers of tasks 1, 2, ... were chosen after task 0 "
-                "and saved there. Restore it, or start a new run with --overwrite_output_dir."
+                f"Resuming at task {start.task} needs the metrics of tasks 0..{start.task - 1} in {output_dir}; "
+                "the run folder lacks them or they belong to another task layout."
             )
-        selected = importance["selected"]
-    model = build_model(args, config, tasks, start.task, output_dir, selected)
-    ema_names = trainable_names(model, start.task) if args.use_ema else []
-    if start.task == 0 and "backbone.safetensors" not in start.files:
-        raise CheckpointError(f"{checkpoint} is incomplete: a task-0 checkpoint holds backbone.safetensors.")
-    check_checkpoint_tensors(checkpoint, model, f"task_{start.task}", start.task == 0, ema_names)
+        metrics.tasks = rows
+        if args.select_layers:
+            importance = read_importance(output_dir)
+            if importance is None:
+                raise CheckpointError(
+                    f"{output_dir / IMPORTANCE_FILE} is missing: the layers of tasks 1, 2, ... were chosen after "
+                    "task 0 and saved there. Restore it, or start a new run with --overwrite_output_dir."
+                )
+            selected = importance.selected
+        model = load_finished_tasks(config, tasks, start.task, output_dir)
+        model.add_adapter(task_name(start.task), adapter_config(args, tasks[start.task], start.task, selected))
+    else:
+        unet = UNet2DModel(**config)
+        model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name=task_name(0))
+        if "backbone.safetensors" not in start.files:
+            raise CheckpointError(f"{checkpoint} is incomplete: a task-0 checkpoint holds backbone.safetensors.")
+    ema_names = trainable_parameter_names(model, start.task) if args.use_ema else []
+    check_checkpoint_tensors(checkpoint, model, task_name(start.task), start.task == 0, ema_names)
     return Run(
         data=data,
         tasks=tasks,
@@ -603,99 +465,6 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         metrics=metrics,
         selected=selected,
     )
-
-
-def trainable_names(model: torch.nn.Module, task: int) -> list[str]:
-    """Names of the parameters task `task` trains: its adapter, plus the backbone for task 0."""
-    suffix = f".task_{task}"
-    return [
-        n
-        for n, _ in model.named_parameters()
-        if (ADAPTER_PREFIX in n and n.endswith(suffix)) or (task == 0 and ADAPTER_PREFIX not in n)
-    ]
-
-
-def set_trainable(model: torch.nn.Module, task: int) -> list[str]:
-    """Make exactly task `task`'s parameters trainable; PEFT's `set_adapter` handles the adapters only."""
-    model.set_adapter(f"task_{task}")
-    names = set(trainable_names(model, task))
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in names)
-    return [n for n, _ in model.named_parameters() if n in names]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation (main process)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class Evaluator:
-    """Evaluates the run folder after each task; the real-data classifier is trained once."""
-
-    def __init__(self, args: argparse.Namespace, data, tasks: list[list[int]]) -> None:
-        self.args, self.data, self.tasks = args, data, tasks
-        self.num_classes = len(data.class_names)
-        self.layout_classes = [c for task in tasks for c in task]
-        start = time.perf_counter()
-        self.classifier = train_classifier(
-            data.train_images,
-            data.train_labels,
-            num_classes=self.num_classes,
-            epochs=args.classifier_epochs,
-            seed=args.seed,
-            augment=args.classifier_augment,
-        )
-        # When the layout covers every class (the default) this is `evaluation.real_data_accuracy` with the same
-        # settings: the same seeded classifier trained on the same images, tested on the same real test images.
-        self.real_data_accuracy = self.real_accuracy(self.layout_classes)
-        logger.info(
-            f"Real-data classifier: accuracy {self.real_data_accuracy:.4f} ({time.perf_counter() - start:.1f}s)"
-        )
-
-    def real_accuracy(self, class_ids: list[int]) -> float:
-        keep = torch.isin(self.data.test_labels, torch.tensor(class_ids))
-        predictions = predict(self.classifier, self.data.test_images[keep], class_ids=class_ids)
-        return (predictions == self.data.test_labels[keep]).double().mean().item()
-
-    def __call__(self, output_dir: Path, task: int, device: torch.device) -> tuple[dict, torch.Tensor]:
-        """Metrics after task `task` and the sample grid (one row per class seen so far)."""
-        args = self.args
-        seen_tasks = self.tasks[: task + 1]
-        seen = [c for t in seen_tasks for c in t]
-        pipe = FunLoRAPipeline.from_pretrained(output_dir).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        images, labels = generate_per_class(
-            pipeline_sample_fn(pipe, args.num_inference_steps), seen, args.eval_samples_per_class, seed=args.seed
-        )
-        images, labels = images.cpu(), labels.cpu()
-        stage = evaluate_stage(
-            self.classifier,
-            self.data.test_images,
-            self.data.test_labels,
-            seen_tasks,
-            images,
-            labels,
-            num_classes=self.num_classes,
-            seed=args.seed,
-            epochs=args.classifier_epochs,
-            augment=args.classifier_augment,
-        )
-        columns = min(args.grid_samples_per_class, args.eval_samples_per_class)
-        grid = torch.cat([images[labels == c][:columns] for c in seen])
-        row = {
-            "task": task,
-            "class_ids": self.tasks[task],
-            "seen_class_ids": seen,
-            "cas": stage.cas,
-            "cas_per_task": stage.cas_per_task,
-            "real_data_accuracy_seen": self.real_accuracy(seen),
-            "recognition": stage.recognition,
-            "accuracy_per_task": stage.recognition_per_task,
-            "fd": stage.fd,
-            "fd_per_task": stage.fd_per_task,
-            "samples_sha256": {str(c): tensor_sha256(images[labels == c]) for c in seen},
-        }
-        return row, (grid + 1) / 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -718,16 +487,16 @@ def train_task(
 ) -> tuple[int, TaskResult | None]:
     """Train task `task` (from the checkpoint when resuming into it); None when --interrupt_after_steps stops it."""
     model, device, output_dir = run.model, accelerator.device, Path(args.output_dir)
-    adapter_name = f"task_{task}"
+    adapter_name = task_name(task)
     if adapter_name not in model.peft_config:
         model.add_adapter(adapter_name, adapter_config(args, run.tasks[task], task, run.selected))
         model.to(device)
     names = set_trainable(model, task)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
-    groups = [{"params": [named[n] for n in names if ADAPTER_PREFIX in n], "lr": args.adapter_learning_rate}]
-    if task == 0:
-        groups.insert(0, {"params": [named[n] for n in names if ADAPTER_PREFIX not in n], "lr": args.learning_rate})
+    groups = optimizer_groups(
+        model, task, learning_rate=args.learning_rate, adapter_learning_rate=args.adapter_learning_rate
+    )
     optimizer = torch.optim.AdamW(
         groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
@@ -838,60 +607,45 @@ def train_task(
     return global_step, TaskResult(params, num_steps, train_seconds, loss_value)
 
 
-def write_run_index(output_dir: Path, run: Run, upto_task: int) -> None:
-    """Index tasks 0..upto_task of the run folder (`funlora.json`), from the adapters' configs."""
-    entries = []
-    for j in range(upto_task + 1):
-        config = run.model.peft_config[f"task_{j}"]
-        targets = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
-        entries.append(TaskEntry(f"task_{j}", list(run.tasks[j]), config.function, config.num_functions, targets))
-    write_index(output_dir, entries, dict(enumerate(run.data.class_names)))
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs (main process)
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def write_task_outputs(
     args: argparse.Namespace,
     accelerator: Accelerator,
     run: Run,
-    evaluator: Evaluator,
-    metrics: dict,
+    evaluator: ContinualEvaluator,
     task: int,
-    result: TaskResult,
+    result: TaskResult | None,
     global_step: int,
 ) -> None:
-    """Main process: save the task's adapter (and the backbone after task 0), index the run, evaluate, log."""
-    output_dir, tasks = Path(args.output_dir), run.tasks
-    model, adapter_name = run.model, f"task_{task}"
+    """Save the task's adapter (and the backbone with task 0), evaluate the run folder, write metrics, grid, card."""
+    output_dir, model = Path(args.output_dir), run.model
+    adapter_name = task_name(task)
     started = time.perf_counter()
-    if task == 0:
-        save_backbone(model, output_dir / BACKBONE_SUBFOLDER)
-    save_adapter(model, adapter_name, output_dir)
-    write_run_index(output_dir, run, task)
-
-    row, grid = evaluator(output_dir, task, accelerator.device)
-    previous = metrics["tasks"][-1]["samples_sha256"] if metrics["tasks"] else {}
-    row.update(
-        old_samples_identical=all(row["samples_sha256"][c] == digest for c, digest in previous.items()),
-        train_steps=result.num_steps,
-        train_seconds=round(result.train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - started, 2),
-        final_loss=result.final_loss,
-        trainable_parameters=sum(p.numel() for p in result.params),
-        extra_parameters_per_class=adapter_parameter_count(model, adapter_name) // len(tasks[task]),
+    save_run(
+        model,
+        output_dir,
+        [adapter_name],
+        save_backbone_weights=task == 0 or result is None,
+        class_names=dict(enumerate(run.data.class_names)),
     )
-    metrics["tasks"] = metrics["tasks"][:task] + [row]
-    matrix = AccuracyMatrix()
-    for done in metrics["tasks"]:
-        matrix.append(done["accuracy_per_task"])
-    metrics.update(
-        accuracy_matrix=matrix.rows,
-        forgetting=matrix.forgetting(),
-        average_cas=sum(done["cas"] for done in metrics["tasks"]) / len(metrics["tasks"]),
-    )
-    write_json_atomic(output_dir / METRICS_FILE, metrics)
-    picture = make_image_grid(grid, rows=len(row["seen_class_ids"]), scale=4)
-    grid_path = output_dir / SAMPLES_SUBFOLDER / f"after_task_{task}.png"
-    picture.save(grid_path.with_name(f".{grid_path.name}"), format="PNG")
-    os.replace(grid_path.with_name(f".{grid_path.name}"), grid_path)
+    pipe = FunLoRAPipeline.from_pretrained(output_dir).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    row, grid = evaluator.evaluate(pipeline_sample_fn(pipe, args.num_inference_steps), task)
+    row.eval_seconds = round(time.perf_counter() - started, 2)
+    row.extra_parameters_per_class = adapter_parameter_count(model, adapter_name) // len(run.tasks[task])
+    if result is not None:
+        row.train_steps = result.num_steps
+        row.train_seconds = round(result.train_seconds, 2)
+        row.final_loss = result.final_loss
+        row.trainable_parameters = sum(p.numel() for p in result.params)
+    run.metrics.add(row)
+    write_metrics(output_dir, run.metrics)
+    picture = make_image_grid(grid, rows=len(row.seen_class_ids), scale=default_grid_scale(run.data.resolution))
+    write_sample_grid(output_dir, adapter_name, picture)
     write_model_card(output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
         push_to_hub(
@@ -902,16 +656,19 @@ def write_task_outputs(
             private=args.hub_private_repo or None,
         )
 
-    summary = {"cas": row["cas"], "recognition": row["recognition"], "fd": row["fd"]}
-    accelerator.log({**summary, "forgetting": metrics["forgetting"]}, step=global_step)
+    accelerator.log(
+        {"cas": row.cas, "recognition": row.recognition, "fd": row.fd, "forgetting": run.metrics.forgetting},
+        step=global_step,
+    )
     if args.report_to in ("tensorboard", "all"):
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_image("samples", np.asarray(picture), task, dataformats="HW" if picture.mode == "L" else "HWC")
+    trained = "taken from --start_from_run" if result is None else f"train {result.train_seconds:.1f}s"
+    trained += "" if result is None else f" ({result.num_steps} steps)"
     accelerator.print(
-        f"task {task} {tasks[task]} | CAS {row['cas']:.4f} | recognition per task "
-        f"{[round(a, 4) for a in row['accuracy_per_task']]} | FD {row['fd']:.3f} | forgetting "
-        f"{metrics['forgetting']:.4f} | train {result.train_seconds:.1f}s ({result.num_steps} steps) | eval "
-        f"{row['eval_seconds']:.1f}s"
+        f"task {task} {run.tasks[task]} | CAS {row.cas:.4f} | recognition per task "
+        f"{[round(a, 4) for a in row.accuracy_per_task]} | FD {row.fd:.3f} | forgetting "
+        f"{run.metrics.forgetting:.4f} | {trained} | eval {row.eval_seconds:.1f}s"
     )
 
 
@@ -926,7 +683,7 @@ def select_layers(args: argparse.Namespace, accelerator: Accelerator, run: Run) 
         started = time.perf_counter()
         model = run.model
         if args.importance_source == "task0":
-            scores = compute_layer_importance(model, adapter_names=["task_0"])
+            scores = compute_layer_importance(model, adapter_names=[task_name(0)])
             detail = "task 0's adapters"
         else:
             dataset = task_dataset(run.data, run.tasks[1], split="train")
@@ -950,29 +707,23 @@ def select_layers(args: argparse.Namespace, accelerator: Accelerator, run: Run) 
                 device=accelerator.device,
             )
             detail = f"a probe adapter trained {args.importance_probe_steps} steps on task 1's classes {run.tasks[1]}"
-        selected = select_target_modules(scores, **parse_selection(args.select_layers))
-        write_json_atomic(
-            output_dir / IMPORTANCE_FILE,
-            {
-                "select_layers": args.select_layers,
-                "source": args.importance_source,
-                "detail": detail,
-                "scores": scores,
-                "selected": selected,
-                "seconds": round(time.perf_counter() - started, 2),
-            },
+        selected = apply_selection(scores, args.select_layers, seed=args.seed)
+        record = ImportanceRecord(
+            select_layers=args.select_layers,
+            source=args.importance_source,
+            detail=detail,
+            scores=scores,
+            selected=selected,
+            seconds=round(time.perf_counter() - started, 2),
         )
-        plot = output_dir / IMPORTANCE_PLOT
-        plot_layer_importance(
-            scores, plot.with_name(f".{plot.name}"), selected=selected, title=f"Layer importance ({detail})"
-        )
-        os.replace(plot.with_name(f".{plot.name}"), plot)
+        figure = plot_layer_importance(scores, selected=selected, title=f"Layer importance ({detail})")
+        write_importance(output_dir, record, plot=figure)
         logger.info(
             f"--select_layers {args.select_layers}: {len(selected)} of {len(scores)} convs from {detail} "
-            f"({time.perf_counter() - started:.1f}s): {selected}"
+            f"({record.seconds:.1f}s): {selected}"
         )
     accelerator.wait_for_everyone()
-    return read_importance(output_dir)["selected"]
+    return read_importance(output_dir).selected
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1002,16 +753,14 @@ def main(args: argparse.Namespace) -> None:
         run = prepare_run(args, accelerator)
     except (ValueError, TypeError) as error:
         # Bad input: one clear line, before any training step and before anything was written.
-        raise SystemExit(f"train.py: error: {error}") from None
+        raise script_error(SCRIPT, error) from None
     # Every process checks the output folder before the main process writes into it.
     accelerator.wait_for_everyone()
 
-    if accelerator.is_main_process:
-        if run.checkpoint is None and args.overwrite_output_dir:
-            for name in _run_outputs(output_dir) + [args.logging_dir]:
-                path = output_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        (output_dir / SAMPLES_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and run.checkpoint is None and args.overwrite_output_dir:
+        for name in run_outputs(output_dir) + [args.logging_dir]:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if report_to is not None:
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -1020,18 +769,30 @@ def main(args: argparse.Namespace) -> None:
     if run.checkpoint is not None:
         logger.info(f"Resuming from {run.checkpoint}: task {run.start.task}, step {run.start.task_step}.")
 
-    evaluator = Evaluator(args, run.data, run.tasks) if accelerator.is_main_process else None
-    metrics = {
-        "dataset": run.data.name,
-        "function": args.function,
-        "num_functions": args.num_functions,
-        "task_layout": run.tasks,
-        "real_data_accuracy": evaluator.real_data_accuracy if evaluator else None,
-        "tasks": run.metrics.get("tasks", []),
-    }
+    evaluator = None
+    if accelerator.is_main_process:
+        evaluator = ContinualEvaluator(
+            run.data,
+            run.tasks,
+            seed=args.seed,
+            samples_per_class=args.eval_samples_per_class,
+            classifier_epochs=args.classifier_epochs,
+            classifier_augment=args.classifier_augment,
+            grid_columns=args.grid_samples_per_class,
+        )
+        logger.info(
+            f"Real-data classifier: accuracy {evaluator.real_data_accuracy:.4f} ({evaluator.classifier_seconds:.1f}s)"
+        )
+        run.metrics.dataset = run.data.name
+        run.metrics.function, run.metrics.num_functions = args.function, args.num_functions
+        run.metrics.task_layout, run.metrics.real_data_accuracy = run.tasks, evaluator.real_data_accuracy
     hooks = Checkpointer(accelerator)
     run.model.to(accelerator.device)
     global_step = run.start.global_step
+    if args.start_from_run and run.checkpoint is None:  # task 0 is taken from another run, then evaluated here
+        if accelerator.is_main_process:
+            write_task_outputs(args, accelerator, run, evaluator, 0, None, global_step)
+        accelerator.wait_for_everyone()
     for task in range(run.start.task, len(run.tasks)):
         if task > 0 and args.select_layers and run.selected is None:
             run.selected = select_layers(args, accelerator, run)
@@ -1040,15 +801,15 @@ def main(args: argparse.Namespace) -> None:
             accelerator.end_training()
             return
         if accelerator.is_main_process:
-            write_task_outputs(args, accelerator, run, evaluator, metrics, task, result, global_step)
+            write_task_outputs(args, accelerator, run, evaluator, task, result, global_step)
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        final = metrics["tasks"][-1]
+        final = run.metrics.tasks[-1]
         accelerator.print(
-            f"done: {len(run.tasks)} tasks | final CAS {final['cas']:.4f} (real data "
-            f"{metrics['real_data_accuracy']:.4f}) | recognition {final['recognition']:.4f} | forgetting "
-            f"{metrics['forgetting']:.4f} | {output_dir}"
+            f"done: {len(run.tasks)} tasks | final CAS {final.cas:.4f} (real data "
+            f"{run.metrics.real_data_accuracy:.4f}) | recognition {final.recognition:.4f} | forgetting "
+            f"{run.metrics.forgetting:.4f} | {output_dir}"
         )
     accelerator.end_training()
 

@@ -1,9 +1,10 @@
 """The `funlora` command: sample a grid from a run folder or Hub repo, or download some of its tasks.
 
 ```bash
-funlora sample me/funlora-digits --classes 3,7 -n 16 --out grid.png      # loads only the tasks owning 3 and 7
-funlora sample runs/digits --classes 0 --steps 50 --seed 1 --out zero.png
-funlora download me/funlora-digits --tasks task_0,task_2 --revision main  # prints the local folder
+funlora sample me/funlora-digits --classes 3,7 --num_samples 16 --output grid.png   # loads only the tasks of 3 and 7
+funlora sample runs/digits --classes 0 --num_inference_steps 50 --seed 1 --output zero.png
+funlora sample runs/digits --tasks task_0,task_2 --output tasks_0_2.png             # every class of two tasks
+funlora download me/funlora-digits --tasks task_0,task_2 --revision main            # prints the local folder
 ```
 
 Errors in the arguments exit with status 2 and a message naming the argument and the fix.
@@ -54,20 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--token", default=None, help="Hugging Face token for private repos (default: your login).")
 
     sample = commands.add_parser(
-        "sample", parents=[hub], help="Write a PNG grid of samples, one row per class.", description="Sample a grid."
+        "sample",
+        parents=[hub],
+        help="Write a PNG grid of samples, one row per class.",
+        description="Write a PNG grid of samples, one row per class, each class from its own seeded noise.",
     )
     sample.add_argument("source", metavar="REPO_OR_FOLDER", help="A run folder or a Hub repo id 'user/name'.")
-    sample.add_argument("--classes", type=_int_list, required=True, help="Comma-separated class ids, e.g. 3,7.")
-    sample.add_argument("-n", "--num_samples", type=_positive, default=8, help="Samples per class (grid columns).")
-    sample.add_argument("--out", type=Path, required=True, help="Output PNG file.")
+    sample.add_argument(
+        "--classes",
+        type=_int_list,
+        default=None,
+        help="Comma-separated class ids, one grid row each, e.g. 3,7 (default: every class of the loaded tasks).",
+    )
     sample.add_argument(
         "--tasks",
         type=_name_list,
         default=None,
-        help="Comma-separated tasks to load (default: the tasks owning --classes, as the index says).",
+        help="Comma-separated tasks to load (default: the tasks owning --classes as the index says, else all).",
     )
-    sample.add_argument("--steps", type=_positive, default=20, help="ODE steps (UNet evaluations per sample).")
-    sample.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (each row reseeds with it).")
+    sample.add_argument("--output", type=Path, default=None, help="The PNG file to write (required).")
+    sample.add_argument("--num_samples", type=_positive, default=8, help="Samples per class (grid columns).")
+    sample.add_argument(
+        "--num_inference_steps", type=_positive, default=20, help="Euler steps (UNet evaluations per sample)."
+    )
+    sample.add_argument("--seed", type=int, default=0, help="Seed of the per-class noise generators.")
+    sample.add_argument(
+        "--scale", type=_positive, default=None, help="Enlarge the grid this many times (default: to ~64 px a sample)."
+    )
+    sample.add_argument("--device", default=None, help="Device to sample on (default: cuda when available, else cpu).")
+    # Earlier spellings, kept working.
+    sample.add_argument("--out", dest="output", type=Path, help=argparse.SUPPRESS)
+    sample.add_argument("-n", dest="num_samples", type=_positive, help=argparse.SUPPRESS)
+    sample.add_argument("--steps", dest="num_inference_steps", type=_positive, help=argparse.SUPPRESS)
 
     download = commands.add_parser(
         "download",
@@ -93,14 +112,18 @@ def _index_of(source: str, args: argparse.Namespace):
 def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .continual.training import make_image_grid
-    from .pipeline import FunLoRAPipeline
+    from .pipeline import FunLoRAPipeline, sample_grid
+    from .run_folder import write_file_atomic
 
-    if args.out.suffix.lower() != ".png":
-        parser.error(f"--out must name a .png file, got {str(args.out)!r}.")
+    if args.output is None:
+        parser.error("--output is required: the PNG file to write, e.g. --output grid.png.")
+    if args.output.suffix.lower() != ".png":
+        parser.error(f"--output must name a .png file, got {str(args.output)!r}.")
+    if args.output.is_dir():
+        parser.error(f"--output {str(args.output)!r} is a folder; name a .png file, e.g. {args.output / 'grid.png'}.")
     tasks = args.tasks
-    index = _index_of(args.source, args)
-    if tasks is None:
+    if tasks is None and args.classes is not None:
+        index = _index_of(args.source, args)
         unknown = [c for c in args.classes if index.owner_of(c) is None]
         if unknown:
             known = sorted(c for task in index.tasks for c in task.class_ids)
@@ -110,22 +133,19 @@ def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     pipe = FunLoRAPipeline.from_pretrained(
         args.source, tasks=tasks, revision=args.revision, token=args.token, cache_dir=args.cache_dir
     )
+    pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for class_id in args.classes:
-        generator = torch.Generator().manual_seed(args.seed)
-        rows.append(
-            pipe(
-                class_labels=[class_id] * args.num_samples,
-                num_inference_steps=args.steps,
-                generator=generator,
-                output_type="pt",
-            ).images
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Images side by side, one row per class, at their own size (no padding, no enlarging).
-    make_image_grid(torch.cat(rows), rows=len(rows), padding=0, scale=1).save(args.out, format="PNG")
-    print(args.out)
+    class_ids = args.classes if args.classes is not None else pipe.class_ids
+    grid = sample_grid(
+        pipe,
+        class_ids,
+        args.num_samples,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        scale=args.scale,
+    )
+    write_file_atomic(args.output, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"{args.output}: classes {class_ids}, {args.num_samples} samples each, {grid.width}x{grid.height} pixels")
     return 0
 
 

@@ -19,13 +19,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .continual.importance import IMPORTANCE_FILE, IMPORTANCE_PLOT, read_importance
-from .model_card import MODEL_CARD_FILE, build_model_card, read_metrics, sample_grid_path
+from .model_card import build_model_card, metrics_for_card
 from .run_folder import (
     BACKBONE_SUBFOLDER,
+    IMPORTANCE_FILE,
+    IMPORTANCE_PLOT,
     INDEX_FILE,
+    MODEL_CARD_FILE,
     RunIndex,
+    read_importance,
     read_index,
+    sample_grid_path,
     select_tasks,
     verify_file,
 )
@@ -207,7 +211,7 @@ def push_to_hub(
     if revision is not None:
         # create_commit only commits to an existing branch; a new one starts from the repo's main branch.
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model", token=token)
-    metrics = read_metrics(folder)
+    metrics = metrics_for_card(folder)
     importance = read_importance(folder)
     commits = []
     if include_backbone is None:
@@ -225,7 +229,7 @@ def push_to_hub(
         grid = sample_grid_path(task) if (folder / sample_grid_path(task)).is_file() else None
         if grid is not None:
             operations.append(CommitOperationAdd(path_in_repo=grid, path_or_fileobj=str(folder / grid)))
-        # The layer selection (--select_layers) concerns the tasks after task 0: it travels from their commits on.
+        # The layer selection concerns the tasks after task 0: it travels from their commits on.
         extras = [name for name in (IMPORTANCE_FILE, IMPORTANCE_PLOT) if position > 0 and (folder / name).is_file()]
         operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in extras]
         card = build_model_card(

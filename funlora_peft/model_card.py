@@ -13,44 +13,43 @@ so a run folder and a Hub repo stay interchangeable. Its metadata:
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .continual.importance import IMPORTANCE_PLOT, read_importance
-from .run_folder import RunIndex, TaskEntry, read_index
+from .continual.evaluation import ContinualMetrics, TaskMetrics
+from .continual.importance import ImportanceRecord
+from .run_folder import (
+    IMPORTANCE_PLOT,
+    MODEL_CARD_FILE,
+    RunIndex,
+    latest_sample_grid,
+    read_importance,
+    read_index,
+    read_metrics,
+    write_file_atomic,
+)
 
-MODEL_CARD_FILE = "README.md"
-METRICS_FILE = "metrics.json"
-SAMPLES_SUBFOLDER = "samples"
 LIBRARY_NAME = "funlora-peft"
 PIPELINE_TAG = "unconditional-image-generation"
 TAGS = ["funlora", "peft", "diffusers", "continual-learning", "flow-matching"]
 
 
-def sample_grid_path(task: TaskEntry) -> str:
-    """Path, relative to the run folder, of the sample grid the training script writes after `task`."""
-    return f"{SAMPLES_SUBFOLDER}/after_{task.name}.png"
-
-
-def read_metrics(folder: str | os.PathLike) -> dict | None:
-    """`metrics.json` of a run folder, or None when the folder has none (or it is not valid JSON)."""
-    path = Path(folder) / METRICS_FILE
-    if not path.is_file():
-        return None
+def metrics_for_card(folder: str | os.PathLike) -> ContinualMetrics | None:
+    """The run's metrics for its card: None without `metrics.json`; an unreadable one is left out with a warning."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return read_metrics(folder)
+    except ValueError as error:
+        warnings.warn(f"{error} The model card leaves the metrics out.", stacklevel=2)
         return None
-    return data if isinstance(data, dict) else None
 
 
-def _metrics_row(metrics: dict | None, position: int, task: TaskEntry) -> dict | None:
-    """The row of `metrics["tasks"]` for `task`: rows name their task by position (training script) or by name."""
-    for row in (metrics or {}).get("tasks") or []:
-        if isinstance(row, dict) and row.get("task") in (position, task.name):
+def _metrics_row(metrics: ContinualMetrics | None, position: int) -> TaskMetrics | None:
+    """The row of the task at `position` in the run."""
+    for row in metrics.tasks if metrics is not None else []:
+        if row.task == position:
             return row
     return None
 
@@ -68,11 +67,11 @@ def _fmt(value, digits: int = 4) -> str:
 def build_model_card(
     index: RunIndex,
     repo_id: str | None = None,
-    metrics: dict | None = None,
+    metrics: ContinualMetrics | None = None,
     sample_grid: str | None = None,
     license: str | None = None,
     base_model: str | None = None,
-    importance: dict | None = None,
+    importance: ImportanceRecord | None = None,
     importance_plot: str | None = None,
 ) -> ModelCard:
     """The card of a run whose index is `index` (only the tasks listed there are described).
@@ -80,11 +79,11 @@ def build_model_card(
     Args:
         index: the run's index; the card's task table lists its tasks in run order.
         repo_id: Hub repo id (or folder) shown in the usage snippet; a placeholder when None.
-        metrics: contents of `metrics.json` (`{"real_data_accuracy": float, "tasks": [{"task": k, "cas": ...}]}`);
-            rows of tasks not in `index` are left out. No metrics section when None.
+        metrics: the run's `metrics.json` (`funlora_peft.run_folder.read_metrics`); rows of tasks not in `index` are
+            left out. No metrics section when None.
         sample_grid: path, relative to the repo root, of a sample grid PNG to show.
         license, base_model: card metadata, left out when None.
-        importance: contents of `importance.json` (layer scores and the layers tasks 1, 2, ... adapt), shown when
+        importance: the run's `importance.json` (layer scores and the layers tasks 1, 2, ... adapt), shown when
             the index has more than one task; `importance_plot`: path of its bar plot.
 
     Example:
@@ -125,11 +124,11 @@ def build_model_card(
         ids = ", ".join(str(c) for c in task.class_ids)
         lines.append(f"| `{task.name}` | {ids} | {class_names} | {task.function} (p={task.num_functions}) |")
 
-    rows = [(i, task, _metrics_row(metrics, i, task)) for i, task in enumerate(index.tasks)]
+    rows = [(i, task, _metrics_row(metrics, i)) for i, task in enumerate(index.tasks)]
     rows = [(i, task, row) for i, task, row in rows if row is not None]
     if rows:
         lines += ["", "## Metrics after each task", ""]
-        real = metrics.get("real_data_accuracy")
+        real = metrics.real_data_accuracy
         if real is not None:
             lines += [f"Classifier accuracy on real data: {_fmt(real)}.", ""]
         lines += [
@@ -138,19 +137,18 @@ def build_model_card(
         ]
         for _, task, row in rows:
             lines.append(
-                f"| `{task.name}` | {_fmt(row.get('cas'))} | {_fmt(row.get('accuracy_per_task'))} | "
-                f"{_fmt(row.get('fd'), 3)} | {_fmt(row.get('train_seconds'), 1)} | "
-                f"{_fmt(row.get('extra_parameters_per_class'))} |"
+                f"| `{task.name}` | {_fmt(row.cas)} | {_fmt(row.accuracy_per_task)} | {_fmt(row.fd, 3)} | "
+                f"{_fmt(row.train_seconds, 1)} | {_fmt(row.extra_parameters_per_class)} |"
             )
     if importance is not None and len(index.tasks) > 1:
-        scores, selected = importance.get("scores") or {}, importance.get("selected") or []
+        scores, selected = importance.scores, importance.selected
         lines += [
             "",
             "## Layer importance",
             "",
-            f"Tasks after `task_0` adapt {len(selected)} of the {len(scores)} convs (`--select_layers "
-            f"{importance.get('select_layers')}`), those with the largest |I_l|, the mean rescaling F of the layer, "
-            f"scored from {importance.get('detail', importance.get('source'))}.",
+            f"Tasks after `task_0` adapt {len(selected)} of the {len(scores)} convs (selection "
+            f"`{importance.select_layers}`), those with the largest |I_l|, the mean rescaling F of the layer, "
+            f"scored from {importance.detail}.",
             "",
             "| layer | I_l |",
             "|---|---:|",
@@ -180,19 +178,11 @@ def build_model_card(
         "or from the command line:",
         "",
         "```bash",
-        f"funlora sample {repo} --classes {some_class} -n 8 --out grid.png",
+        f"funlora sample {repo} --classes {some_class} --num_samples 8 --output grid.png",
         "```",
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-def latest_sample_grid(folder: str | os.PathLike, index: RunIndex) -> str | None:
-    """The grid of the last task of `index` whose `samples/after_<task>.png` exists in `folder`, or None."""
-    for task in reversed(index.tasks):
-        if (Path(folder) / sample_grid_path(task)).is_file():
-            return sample_grid_path(task)
-    return None
 
 
 def write_model_card(
@@ -218,13 +208,11 @@ def write_model_card(
     card = build_model_card(
         index,
         repo_id=repo_id,
-        metrics=read_metrics(folder),
+        metrics=metrics_for_card(folder),
         sample_grid=latest_sample_grid(folder, index),
         license=license,
         base_model=base_model,
         importance=read_importance(folder),
         importance_plot=IMPORTANCE_PLOT if (folder / IMPORTANCE_PLOT).is_file() else None,
     )
-    path = folder / MODEL_CARD_FILE
-    card.save(path)
-    return path
+    return write_file_atomic(folder / MODEL_CARD_FILE, lambda tmp: card.save(tmp))

@@ -1,15 +1,23 @@
-"""`FunLoRAPipeline`: class-conditional sampling from a FunLoRA run, in the shape of diffusers' DiTPipeline."""
+"""`FunLoRAPipeline`: class-conditional sampling from a FunLoRA run, in the shape of diffusers' DiTPipeline.
+
+`sample_grid` is the one grid sampler every command uses (`funlora sample`, the training script's grids after each
+task): one row per class, each class from its own seeded generator, so a class's row does not depend on the other
+classes asked for.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
+from .continual.evaluation import generate_per_class
 from .flow_matching import scheduler_timestep_to_model_timestep, velocity_to_scheduler
 from .run_folder import RunIndex, attach_tasks, load_backbone, read_index
 
@@ -174,3 +182,75 @@ class FunLoRAPipeline(DiffusionPipeline):
         if not return_dict:
             return (output,)
         return ImagePipelineOutput(images=output)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grids of samples
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pipeline_sample_fn(
+    pipe: FunLoRAPipeline, num_inference_steps: int
+) -> Callable[[int, int, torch.Generator], torch.Tensor]:
+    """A `funlora_peft.continual.evaluation.SampleFn` over `pipe`: single-class batches, images in [-1, 1]."""
+
+    def sample_fn(class_label: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        images = pipe(
+            class_labels=[int(class_label)] * num_samples,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="pt",
+        ).images
+        return images * 2 - 1
+
+    return sample_fn
+
+
+def default_grid_scale(resolution: int) -> int:
+    """How many times a grid of `resolution`-pixel samples is enlarged: to about 64 pixels per sample, at least 1."""
+    return max(1, round(64 / resolution))
+
+
+def make_image_grid(images: torch.Tensor, rows: int, *, padding: int = 1, scale: int = 1) -> Image.Image:
+    """Tile `(rows * cols, channels, height, width)` images in [0, 1] row by row into one PIL image.
+
+    Images are separated by `padding` white pixels and the grid is enlarged `scale` times (nearest neighbour), so
+    that small samples stay legible.
+    """
+    if images.dim() != 4 or rows < 1 or images.shape[0] % rows:
+        raise ValueError(f"images must be (rows * cols, C, H, W) with rows={rows}, got {tuple(images.shape)}.")
+    count, channels, height, width = images.shape
+    cols = count // rows
+    grid = torch.ones(channels, rows * (height + padding) + padding, cols * (width + padding) + padding)
+    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, cols)
+        top, left = padding + r * (height + padding), padding + c * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array, mode="L" if channels == 1 else "RGB")
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    return picture
+
+
+def sample_grid(
+    pipe: FunLoRAPipeline,
+    class_ids: Sequence[int],
+    num_samples: int = 8,
+    *,
+    seed: int = 0,
+    num_inference_steps: int = 20,
+    scale: int | None = None,
+) -> Image.Image:
+    """A PNG-ready grid of samples: one row per class of `class_ids`, `num_samples` per row.
+
+    Class `c` is sampled in one single-class batch with the generator of `generate_per_class` (seeded by `seed` and
+    `c` only), so its row is the same whatever other classes are asked for. `scale` enlarges the grid (default:
+    `default_grid_scale` of the resolution).
+    """
+    class_ids = [int(c) for c in class_ids]
+    if not class_ids:
+        raise ValueError("class_ids is empty: pass at least one class to sample.")
+    images, _ = generate_per_class(pipeline_sample_fn(pipe, num_inference_steps), class_ids, num_samples, seed=seed)
+    scale = default_grid_scale(pipe.unet.config.sample_size) if scale is None else scale
+    return make_image_grid((images.cpu() + 1) / 2, rows=len(class_ids), scale=scale)

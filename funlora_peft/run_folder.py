@@ -1,14 +1,32 @@
-"""The layout of a FunLoRA run: one folder (or Hub model repo) holding a backbone and one adapter per task.
+"""The run folder: THE on-disk format of a FunLoRA run, its file names, readers and writers.
+
+A run folder (or a Hub model repo with the same files) holds a backbone and one adapter per task:
 
 ```
 funlora.json         index: format version, tasks in order with their class ids, function, p, target layers,
                      backbone subfolder, class names, sha256 of every safetensors file
 backbone/            UNet2DModel config + diffusion_pytorch_model.safetensors
-task_0/, task_1/...  adapter_config.json + adapter_model.safetensors
+task_0/, task_1/...  adapter_config.json + adapter_model.safetensors, one folder per task (PEFT's adapter format)
+metrics.json         the evaluation after each task (`funlora_peft.continual.evaluation.ContinualMetrics`)
+importance.json      the layer scores and the convs later tasks adapt (`funlora_peft.continual.importance`)
+importance.png       their bar plot
+samples/             after_task_k.png sample grids, one row per class
+README.md            the model card (`funlora_peft.model_card`)
+checkpoint-N/        resumable training states (`funlora_peft.continual.checkpoint`)
 ```
 
-The training script writes this layout and the Hub helpers upload it as is, so a run folder and a Hub repo are
-interchangeable. Everything here reads safetensors only; nothing is unpickled.
+`save_run` writes a run from a FunLoRA `PeftModel` and `FunLoRAPipeline.from_pretrained` (or `attach_tasks`) reads it
+back; the Hub helpers upload it as is, so a run folder and a Hub repo are interchangeable. Every file is written to a
+hidden temporary name beside its target and renamed into place (`write_file_atomic`, `write_folder_atomic`), so a
+reader or a resumed run never sees half a file. Everything here reads safetensors and JSON only; nothing is unpickled.
+
+Example:
+
+    ```py
+    >>> from funlora_peft.run_folder import save_run
+    >>> save_run(peft_model, "runs/mine", class_names={0: "zero", 1: "one"})   # backbone, task folders, index
+    >>> pipe = FunLoRAPipeline.from_pretrained("runs/mine")
+    ```
 """
 
 from __future__ import annotations
@@ -16,6 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,15 +44,104 @@ import torch
 from diffusers import UNet2DModel
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
+from torch import nn
 
+from .continual.evaluation import ContinualMetrics
+from .continual.importance import ImportanceRecord
 from .tuner.config import FunLoRAConfig
-from .tuner.model import check_adapter_state_dict
+from .tuner.model import FunLoRAModel, check_adapter_state_dict
 
 FORMAT_VERSION = 1
 INDEX_FILE = "funlora.json"
 BACKBONE_SUBFOLDER = "backbone"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+METRICS_FILE = "metrics.json"
+IMPORTANCE_FILE = "importance.json"
+IMPORTANCE_PLOT = "importance.png"
+SAMPLES_SUBFOLDER = "samples"
+MODEL_CARD_FILE = "README.md"
+CHECKPOINT_PREFIX = "checkpoint-"
+TASK_PREFIX = "task_"
+
+
+def task_name(task: int) -> str:
+    """The adapter (and subfolder) name of task `task`: `task_0`, `task_1`, ..."""
+    return f"{TASK_PREFIX}{task}"
+
+
+def sample_grid_path(task: str | TaskEntry) -> str:
+    """Path, relative to the run folder, of the sample grid drawn after `task` (a task name or index entry)."""
+    name = task if isinstance(task, str) else task.name
+    return f"{SAMPLES_SUBFOLDER}/after_{name}.png"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a hidden temporary path beside `path`, then rename it over `path`.
+
+    A reader sees the old file or the complete new one, never a partial one; on an error the temporary file is removed
+    and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON to `path`, atomically (`write_file_atomic`)."""
+    text = json.dumps(data, indent=2) + "\n"  # a value JSON cannot hold fails here, before anything is written
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_folder_atomic(folder: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a new hidden folder beside `folder`, then swap it in for `folder`.
+
+    An existing `folder` is renamed aside first and deleted once the new one is in place; on an error the temporary
+    folder is removed and `folder` is left as it was.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folders are private (0700); a plain mkdir's are not
+    try:
+        write(tmp)
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -43,6 +153,13 @@ class TaskEntry:
     function: str
     num_functions: int
     target_modules: list[str] | str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, config: FunLoRAConfig) -> TaskEntry:
+        """The index entry of adapter `name` with config `config`."""
+        targets = config.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, tuple)) else targets
+        return cls(name, list(config.class_ids), config.function, config.num_functions, targets)
 
 
 @dataclass
@@ -72,19 +189,8 @@ class RunIndex:
         return json.dumps(data, indent=2) + "\n"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_index(folder: str | os.PathLike, tasks: list[TaskEntry], class_names: dict[int, str] | None = None) -> Path:
-    """Write `funlora.json` for `folder`, hashing the backbone's and every task's safetensors files.
-
-    Written to a temporary file first and renamed, so a reader never sees half an index.
-    """
+    """Write `funlora.json` for `folder`, hashing the backbone's and every task's safetensors files, atomically."""
     folder = Path(folder)
     index = RunIndex(tasks=list(tasks), class_names=dict(class_names or {}))
     _check_unique_classes(index, source=str(folder / INDEX_FILE))
@@ -92,10 +198,8 @@ def write_index(folder: str | os.PathLike, tasks: list[TaskEntry], class_names: 
     for sub in subfolders:
         for path in sorted((folder / sub).glob("*.safetensors")):
             index.sha256[path.relative_to(folder).as_posix()] = sha256_of(path)
-    tmp = folder / (INDEX_FILE + ".tmp")
-    tmp.write_text(index.to_json())
-    os.replace(tmp, folder / INDEX_FILE)
-    return folder / INDEX_FILE
+    text = index.to_json()
+    return write_file_atomic(folder / INDEX_FILE, lambda tmp: tmp.write_text(text))
 
 
 def read_index(folder: str | os.PathLike) -> RunIndex:
@@ -104,7 +208,7 @@ def read_index(folder: str | os.PathLike) -> RunIndex:
     if not path.is_file():
         raise ValueError(
             f"{path} not found: a FunLoRA run folder holds {INDEX_FILE}, {BACKBONE_SUBFOLDER}/ and one folder per "
-            "task, as written by examples/train.py."
+            "task, as `funlora_peft.run_folder.save_run` writes it."
         )
     try:
         data = json.loads(path.read_text())
@@ -229,3 +333,169 @@ def attach_tasks(
         raise
     model.eval()
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing a run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def backbone_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The wrapped UNet's own tensors under plain `UNet2DModel` names (adapter tensors and `.base_layer` removed)."""
+    unet = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    state = {}
+    for key, tensor in unet.state_dict().items():
+        if FunLoRAModel.prefix in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor.detach()
+    return state
+
+
+def save_backbone(peft_model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save the base UNet of `peft_model` as a plain `UNet2DModel` (config + safetensors) into `folder`, atomically."""
+    unet = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    plain = UNet2DModel.from_config(unet.config)
+    plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(peft_model).items()}, strict=True)
+    return write_folder_atomic(folder, lambda tmp: plain.save_pretrained(tmp, safe_serialization=True))
+
+
+def save_adapter(peft_model: PeftModel, adapter_name: str, folder: str | os.PathLike) -> Path:
+    """Save one adapter with PEFT's `save_pretrained` to `folder/adapter_name`, atomically.
+
+    PEFT writes an adapter other than "default" into a subfolder named after it, and a model card beside it; the card
+    is dropped (the run has its own, `funlora_peft.model_card`) and the adapter's files are moved up.
+    """
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
+        (tmp / "README.md").unlink(missing_ok=True)
+        if adapter_name != "default":
+            nested = tmp / adapter_name
+            for path in nested.iterdir():
+                os.replace(path, tmp / path.name)
+            nested.rmdir()
+
+    return write_folder_atomic(Path(folder) / adapter_name, write)
+
+
+def read_metrics(folder: str | os.PathLike) -> ContinualMetrics | None:
+    """The run's `metrics.json`, or None when it has none."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    try:
+        return ContinualMetrics.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is malformed ({error}).") from None
+
+
+def write_metrics(folder: str | os.PathLike, metrics: ContinualMetrics) -> Path:
+    """Write `metrics.json`, atomically."""
+    return write_json_atomic(Path(folder) / METRICS_FILE, metrics.to_dict())
+
+
+def read_importance(folder: str | os.PathLike) -> ImportanceRecord | None:
+    """The run's `importance.json` (layer scores and the selected convs), or None when it has none."""
+    path = Path(folder) / IMPORTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); delete it to select the layers again.") from None
+    try:
+        return ImportanceRecord.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is malformed ({error}); delete it to select the layers again.") from None
+
+
+def write_importance(folder: str | os.PathLike, importance: ImportanceRecord, plot=None) -> Path:
+    """Write `importance.json` and, given a matplotlib figure `plot`, `importance.png`, atomically."""
+    folder = Path(folder)
+    if plot is not None:
+        write_file_atomic(folder / IMPORTANCE_PLOT, lambda tmp: plot.savefig(tmp, format="png", dpi=120))
+    return write_json_atomic(folder / IMPORTANCE_FILE, importance.to_dict())
+
+
+def write_sample_grid(folder: str | os.PathLike, task: str, picture) -> Path:
+    """Write the PIL image `picture` as `samples/after_<task>.png`, atomically."""
+    return write_file_atomic(Path(folder) / sample_grid_path(task), lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def latest_sample_grid(folder: str | os.PathLike, index: RunIndex) -> str | None:
+    """The grid of the last task of `index` whose `samples/after_<task>.png` exists in `folder`, or None."""
+    for task in reversed(index.tasks):
+        if (Path(folder) / sample_grid_path(task)).is_file():
+            return sample_grid_path(task)
+    return None
+
+
+def run_outputs(folder: str | os.PathLike) -> list[str]:
+    """Names of the run files and folders in `folder` (what `save_run` and training write), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    known = {INDEX_FILE, METRICS_FILE, BACKBONE_SUBFOLDER, SAMPLES_SUBFOLDER, IMPORTANCE_FILE, IMPORTANCE_PLOT}
+    return sorted(
+        path.name
+        for path in folder.iterdir()
+        if path.name in known or (path.is_dir() and path.name.startswith((CHECKPOINT_PREFIX, TASK_PREFIX)))
+    )
+
+
+def save_run(
+    peft_model: PeftModel,
+    folder: str | os.PathLike,
+    adapter_names: Iterable[str] | None = None,
+    *,
+    save_backbone_weights: bool | None = None,
+    class_names: dict[int, str] | None = None,
+    metrics: ContinualMetrics | None = None,
+    importance: ImportanceRecord | None = None,
+) -> RunIndex:
+    """Write `peft_model` as a run folder: the mirror of `FunLoRAPipeline.from_pretrained(folder)`.
+
+    Writes the backbone (once), one folder per adapter, and the index `funlora.json` listing every adapter of the model
+    in order, with its class ids, function and targets from its config and the sha256 of every weight file; then
+    `metrics.json` and `importance.json` when given. Every file is written atomically.
+
+    Args:
+        peft_model: a `PeftModel` holding FunLoRA adapters (one per task).
+        folder: the run folder (created if needed).
+        adapter_names: the adapters whose folders are (re)written; default: every adapter of the model. The index
+            always lists all of them, so the folders of the others must already be in `folder`.
+        save_backbone_weights: write `backbone/`; default (None): when the folder has no backbone yet.
+        class_names: `{class id: name}` for the index (default: the folder's index's, if any).
+        metrics, importance: the evaluation and layer-importance records to write.
+
+    Returns:
+        The index as written.
+    """
+    if not isinstance(peft_model, PeftModel) or not isinstance(peft_model.base_model, FunLoRAModel):
+        raise TypeError(
+            f"save_run needs a PeftModel holding FunLoRA adapters (get_peft_model(unet, FunLoRAConfig(...))), got "
+            f"{type(peft_model).__name__}."
+        )
+    folder = Path(folder)
+    configs = peft_model.peft_config
+    names = list(configs) if adapter_names is None else list(adapter_names)
+    unknown = [name for name in names if name not in configs]
+    if unknown:
+        raise ValueError(f"adapter_names {unknown} are not adapters of the model; it has {list(configs)}.")
+    if class_names is None and (folder / INDEX_FILE).is_file():
+        class_names = read_index(folder).class_names
+    folder.mkdir(parents=True, exist_ok=True)
+    if save_backbone_weights or (save_backbone_weights is None and not (folder / BACKBONE_SUBFOLDER).is_dir()):
+        save_backbone(peft_model, folder / BACKBONE_SUBFOLDER)
+    for name in names:
+        save_adapter(peft_model, name, folder)
+    write_index(folder, [TaskEntry.from_config(name, config) for name, config in configs.items()], class_names)
+    if metrics is not None:
+        write_metrics(folder, metrics)
+    if importance is not None:
+        write_importance(folder, importance)
+    return read_index(folder)

@@ -3,8 +3,11 @@
 The Hub is never reached from the tests: the variables below are set before huggingface_hub is imported.
 """
 
+import importlib
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -19,6 +22,17 @@ import torch  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+# The example scripts import their shared flags (examples/protocol_args.py), as they do when run from the checkout.
+sys.path.insert(0, str(EXAMPLES))
+
+
+def load_example(name: str):
+    """The example script `examples/<name>.py` as a module (e.g. `load_example("train").main(...)`)."""
+    return importlib.import_module(name)
+
 
 # Two tiny UNets: one with attention blocks, one without attention whose down path changes width (so its
 # resnets carry a 1x1 `conv_shortcut`). Both have at least 16 channels in every conv but conv_in/conv_out.

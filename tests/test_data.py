@@ -7,13 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from funlora_peft.continual.data import (
-    ImageClassificationData,
-    load_image_classification_data,
-    make_task_layout,
-    parse_class_order,
-    task_dataset,
-)
+from funlora_peft.continual.data import ImageClassificationData, load_image_classification_data
+from funlora_peft.continual.tasks import make_task_layout, parse_class_order, task_dataset
 
 CLASSES = ("cat", "dog", "fox")
 IMAGES_PER_CLASS = 3

@@ -9,7 +9,6 @@ test, so a new command is never silently left untested.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_example
 from PIL import Image
 from test_hub import REPO, hub, run_source  # noqa: F401  (fixtures: a fake Hub holding a pushed 3-task run)
 from test_pipeline import make_run
@@ -26,24 +26,12 @@ from test_pipeline import make_run
 from funlora_peft import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_SCRIPT = ROOT / "examples" / "sample.py"
 DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
 MARKER = re.compile(r"<!-- test: (run|skip, [^>]+?) -->\n```bash\n(.*?)\n```", re.S)
 
 
 def load_script(path: Path):
-    """Import an example script as a module (registered first: its dataclasses look their module up)."""
-    name = f"funlora_example_{path.stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def load_sample_script():
-    return load_script(SAMPLE_SCRIPT)
+    return load_example(path.stem)
 
 
 def grid_size(rows: int, cols: int, side: int = 8, scale: int = 4) -> tuple[int, int]:
@@ -52,53 +40,55 @@ def grid_size(rows: int, cols: int, side: int = 8, scale: int = 4) -> tuple[int,
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# examples/sample.py
+# funlora sample
 # --------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
-    make_run(folder)  # tasks task_0 [0, 1], task_1 [2, 3], task_2 [4]; 8x8 images
+    make_run(folder)  # tasks task_0 [0, 1], task_2 [2, 3], task_2 [4]; 8x8 images
     return folder
 
 
-def test_sample_script_writes_a_grid_from_a_run_folder(run_folder, tmp_path):
+def sample(*argv):
+    return cli.main(["sample", *argv])
+
+
+def test_sample_writes_a_grid_from_a_run_folder(run_folder, tmp_path):
     out = tmp_path / "grids" / "grid.png"
-    command = [sys.executable, str(SAMPLE_SCRIPT), str(run_folder), "--classes", "0,3", "-n", "3"]
-    command += ["--num_inference_steps", "2", "--output", str(out)]
+    command = [sys.executable, "-m", "funlora_peft.cli", "sample", str(run_folder), "--classes", "0,3"]
+    command += ["--num_samples", "3", "--num_inference_steps", "2", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "classes [0, 3], 3 samples each" in result.stdout
     with Image.open(out) as picture:
-        assert picture.size == grid_size(rows=2, cols=3) and picture.mode == "L"
+        assert picture.size == grid_size(rows=2, cols=3, scale=8) and picture.mode == "L"
 
 
-def test_sample_script_rows_do_not_depend_on_the_other_classes(run_folder, tmp_path):
-    sample = load_sample_script()
-    both = sample.main(sample.parse_args([str(run_folder), "--classes", "0,3", "-n", "2", "--num_inference_steps", "2",
-                                          "--output", str(tmp_path / "both.png"), "--scale", "1"]))  # fmt: skip
-    alone = sample.main(sample.parse_args([str(run_folder), "--classes", "3", "-n", "2", "--num_inference_steps", "2",
-                                           "--output", str(tmp_path / "alone.png"), "--scale", "1"]))  # fmt: skip
+def test_sample_rows_do_not_depend_on_the_other_classes(run_folder, tmp_path):
+    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+    sample(str(run_folder), "--classes", "0,3", "-n", "2", "--steps", "2", "--out", str(both), "--scale", "1")
+    sample(str(run_folder), "--classes", "3", "--num_samples", "2", "--num_inference_steps", "2", "--output",
+           str(alone), "--scale", "1")  # fmt: skip
     with Image.open(both) as a, Image.open(alone) as b:
         # class 3's row (the second) of the two-class grid equals the one-class grid
         assert a.crop((0, 9, a.width, a.height)).tobytes() == b.crop((0, 0, b.width, 10)).tobytes()
 
 
-def test_sample_script_tasks_flag_samples_every_class_of_those_tasks(run_folder, tmp_path, capsys):
-    sample = load_sample_script()
-    argv = [str(run_folder), "--tasks", "task_1,task_2", "-n", "2", "--num_inference_steps", "2"]
-    out = sample.main(sample.parse_args([*argv, "--output", str(tmp_path / "g.png")]))
+def test_sample_tasks_flag_samples_every_class_of_those_tasks(run_folder, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    sample(str(run_folder), "--tasks", "task_1,task_2", "--num_samples", "2", "--num_inference_steps", "2",
+           "--output", str(out), "--scale", "4")  # fmt: skip
     assert "classes [2, 3, 4]" in capsys.readouterr().out
     with Image.open(out) as picture:
         assert picture.size == grid_size(rows=3, cols=2)
 
 
-def test_sample_script_from_the_hub_downloads_only_the_owning_tasks(hub, tmp_path):  # noqa: F811
-    sample = load_sample_script()
-    args = sample.parse_args([REPO, "--classes", "4,1", "-n", "2", "--num_inference_steps", "2",
-                              "--cache_dir", str(hub.cache_dir), "--output", str(tmp_path / "hub.png")])  # fmt: skip
-    out = sample.main(args)
+def test_sample_from_the_hub_downloads_only_the_owning_tasks(hub, tmp_path):  # noqa: F811
+    out = tmp_path / "hub.png"
+    sample(REPO, "--classes", "4,1", "--num_samples", "2", "--num_inference_steps", "2",
+           "--cache_dir", str(hub.cache_dir), "--output", str(out), "--scale", "4")  # fmt: skip
     with Image.open(out) as picture:
         assert picture.size == grid_size(rows=2, cols=2)
     fetched = {path.split("/")[0] for path in hub.requested_files()}
@@ -112,13 +102,12 @@ def test_sample_script_from_the_hub_downloads_only_the_owning_tasks(hub, tmp_pat
         (["--tasks", "task_0", "--classes", "3"], r"class_labels \[3\] are not loaded"),
         (["--tasks", "task_9"], "task_9"),
         (["--output", "grid.jpg"], "--output must name a .png file"),
-        (["-n", "0"], "--num_samples must be >= 1"),
+        (["--num_samples", "0"], "expected a positive integer, got 0"),
     ],
 )
-def test_sample_script_bad_input_exits_with_a_clear_message(run_folder, tmp_path, argv, message, capsys):
-    sample = load_sample_script()
+def test_sample_bad_input_exits_with_a_clear_message(run_folder, tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
-        sample.main(sample.parse_args([str(run_folder), "--output", str(tmp_path / "g.png"), *argv]))
+        sample(str(run_folder), "--output", str(tmp_path / "g.png"), *argv)
     text = str(raised.value.code) + capsys.readouterr().err
     assert re.search(message, text), text
 
@@ -175,7 +164,7 @@ def test_every_documented_script_command_parses():
         elif argv[0] == "funlora":
             cli.build_parser().parse_args(argv[1:])
             parsed.add("funlora")
-    assert {"examples/train.py", "examples/sample.py", "examples/benchmark_adapter.py", "funlora"} <= parsed
+    assert {"examples/train.py", "examples/benchmark_adapter.py", "funlora"} <= parsed
 
 
 @pytest.mark.slow

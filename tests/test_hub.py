@@ -30,6 +30,7 @@ from PIL import Image
 from test_pipeline import TASKS, make_run
 
 from funlora_peft.cli import main
+from funlora_peft.continual.evaluation import class_seed
 from funlora_peft.hub import download_run, push_to_hub
 from funlora_peft.model_card import write_model_card
 from funlora_peft.pipeline import FunLoRAPipeline
@@ -148,7 +149,10 @@ METRICS = {
         {
             "task": k,
             "class_ids": ids,
+            "seen_class_ids": [c for done in list(TASKS.values())[: k + 1] for c in done],
             "cas": 0.9 - 0.1 * k,
+            "cas_per_task": [0.9] * (k + 1),
+            "recognition": 0.95,
             "accuracy_per_task": [0.95] * (k + 1),
             "fd": 1.5 + k,
             "train_seconds": 12.0,
@@ -337,30 +341,27 @@ def test_push_some_tasks_adds_them_to_the_repo(tmp_path, run_source):
 
 def test_cli_sample_from_the_hub_loads_only_the_owning_tasks(hub, run_source, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    argv = ["sample", REPO, "--classes", "4,0", "-n", "3", "--steps", "2", "--seed", "5", "--out", str(out)]
-    assert main(argv + ["--cache_dir", str(hub.cache_dir)]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
-    grid = Image.open(out)
-    assert grid.size == (3 * 8, 2 * 8)  # one row per class, n columns
+    argv = ["sample", REPO, "--classes", "4,0", "--num_samples", "3", "--num_inference_steps", "2", "--seed", "5"]
+    assert main(argv + ["--scale", "1", "--output", str(out), "--cache_dir", str(hub.cache_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: classes [4, 0], 3 samples each")
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # one row per class, 3 columns, 1-pixel white padding
     requested = hub.requested_files()
     assert not any(path.startswith("task_1/") for path in requested)
     assert {p.split("/")[0] for p in requested if p.startswith("task_")} == {"task_0", "task_2"}
-    # each row is the pipeline's samples of that class for the seed
+    # each row holds the pipeline's samples of that class, drawn with the class's own generator
     local = load(run_source)
     for row, class_id in enumerate([4, 0]):
-        images = local(class_labels=[class_id] * 3, num_inference_steps=2, generator=torch.manual_seed(5)).images
-        expected = np.concatenate([np.asarray(image) for image in images], axis=1)
-        np.testing.assert_array_equal(np.asarray(grid)[row * 8 : (row + 1) * 8], expected)
+        generator = torch.Generator().manual_seed(class_seed(5, class_id))
+        images = local(class_labels=[class_id] * 3, num_inference_steps=2, generator=generator).images
+        for column, image in enumerate(images):
+            top, left = 1 + 9 * row, 1 + 9 * column
+            np.testing.assert_array_equal(grid[top : top + 8, left : left + 8], np.asarray(image))
     # a run folder works the same way
     local_out = tmp_path / "local.png"
-    assert (
-        main(
-            ["sample", str(run_source), "--classes", "4,0", "-n", "3", "--steps", "2", "--seed", "5"]
-            + ["--out", str(local_out)]
-        )
-        == 0
-    )
-    assert np.array_equal(np.asarray(Image.open(local_out)), np.asarray(grid))
+    argv[1] = str(run_source)
+    assert main(argv + ["--scale", "1", "--output", str(local_out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(local_out)), grid)
 
 
 def test_cli_download_fetches_only_the_named_tasks(hub, tmp_path, capsys):
@@ -383,13 +384,10 @@ def test_cli_download_fetches_only_the_named_tasks(hub, tmp_path, capsys):
             ["sample", "RUN", "--classes", "9", "--out", "g.png"],
             r"--classes \[9\] belong to no task.*\[0, 1, 2, 3, 4\]",
         ),
-        (["sample", "RUN", "--classes", "3", "--out", "g.jpg"], "--out must name a .png file"),
-        (
-            ["sample", "RUN", "--classes", "3", "-n", "0", "--out", "g.png"],
-            "argument -n/--num_samples: expected a pos",
-        ),
+        (["sample", "RUN", "--classes", "3", "--out", "g.jpg"], "--output must name a .png file"),
+        (["sample", "RUN", "--classes", "3", "-n", "0", "--out", "g.png"], "argument -n: expected a positive integer"),
         (["sample", "RUN", "--classes", "3", "--tasks", "task_9", "--out", "g.png"], r"`tasks` names \['task_9'\]"),
-        (["sample", "RUN", "--out", "g.png"], "the following arguments are required: --classes"),
+        (["sample", "RUN", "--classes", "3"], "--output is required"),
         (["download", "someone/missing", "--tasks", "task_0"], "Could not get funlora.json of 'someone/missing'"),
         (["download", REPO, "--tasks", ","], "argument --tasks: expected comma-separated task names"),
         (["frobnicate"], "invalid choice"),

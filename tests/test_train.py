@@ -5,7 +5,6 @@ what is checked is the plumbing (files, metrics, resume, errors), not the qualit
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -16,19 +15,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_example
 from safetensors.torch import load_file
 
-from funlora_peft.continual.training import (
+from funlora_peft.continual.checkpoint import (
     CheckpointError,
     TrainingState,
     list_checkpoints,
-    make_image_grid,
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
-    step_generator,
 )
-from funlora_peft.pipeline import FunLoRAPipeline
+from funlora_peft.continual.training import step_generator
+from funlora_peft.pipeline import FunLoRAPipeline, make_image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
@@ -94,11 +93,7 @@ def tiny_run(tmp_path_factory):
 
 
 def load_train_module():
-    spec = importlib.util.spec_from_file_location("funlora_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,9 +294,9 @@ def test_checkpoints_are_atomic_and_checked(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer.safetensors does not match the sha256"):
         read_checkpoint(latest, key)
     (latest / "training_state.json").unlink()
-    with pytest.raises(CheckpointError, match="not a checkpoint of examples/train.py"):
+    with pytest.raises(CheckpointError, match="is not a training checkpoint: it has no training_state.json"):
         read_checkpoint(latest, key)
-    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+    with pytest.raises(CheckpointError, match="is no checkpoint folder"):
         resolve_checkpoint(tmp_path, "checkpoint-99")
 
     # Pruning keeps the newest ones.
@@ -357,12 +352,12 @@ def imagefolder(tmp_path_factory):
         (["--dataset_name", "no-such-user/no-such-dataset"], "could not be found"),
         (["--class_order", "0,1,42"], r"class_order names class ids \[42\]"),
         (["--class_order", "sorted", "--classes_per_task", "3"], "does not divide the 10 classes"),
-        (["--block_out_channels", "16,30"], "do not divide by --norm_num_groups"),
+        (["--block_out_channels", "16,30"], "do not divide by norm_num_groups"),
         (["--function", "sine"], "Unknown `function`"),
-        (["--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint folder"),
-        (["--select_layers", "top=3"], r"--select_layers='top=3' must be top_k=K .* or fraction=F"),
-        (["--select_layers", "fraction=1.5"], r"--select_layers='fraction=1.5' must be"),
-        (["--importance_probe_steps", "0"], r"--importance_probe_steps must be >= 1, got 0"),
+        (["--resume_from_checkpoint", "checkpoint-99"], "--resume_from_checkpoint: 'checkpoint-99' is no checkpoint"),
+        (["--select_layers", "top=3"], r"--select_layers: layer selection 'top=3' must be top_k=K .* fraction=F"),
+        (["--select_layers", "fraction=1.5"], r"--select_layers: layer selection 'fraction=1.5' must be"),
+        (["--importance_probe_steps", "0"], r"--importance_probe_steps=0 must be >= 1"),
     ],
     ids=[
         "unknown-dataset",
@@ -409,7 +404,7 @@ def test_corrupt_foreign_or_clobbering_runs_are_refused(train_module, tiny_run, 
     assert "belongs to a different run" in error and "seed" in error
     # A folder that is no checkpoint.
     error = run_main(train_module, "--output_dir", str(out), "--resume_from_checkpoint", str(out / "task_0"))
-    assert "not a checkpoint of examples/train.py" in error
+    assert "is not a training checkpoint" in error
     assert tree_digest(out) == before
 
     # A corrupted checkpoint: one flipped byte in the adapter tensors.

@@ -16,22 +16,25 @@ Metrics:
 - **Fréchet distance** between real and generated images in the penultimate feature space of the real-data
   classifier (`frechet_distance`), an FID whose feature network suits 8x8 to 32x32 images.
 
-`generate_per_class` draws evaluation samples from any `sample_fn` with one seeded generator per class, and
-`evaluate_stage` combines everything for one point of the task sequence.
+`generate_per_class` draws evaluation samples from any `sample_fn` with one seeded generator per class,
+`evaluate_stage` combines everything for one point of the task sequence, and `ContinualEvaluator` does it after every
+task of a run with one fixed real-data classifier. `TaskMetrics` (one task) and `ContinualMetrics` (the run: its rows,
+accuracy matrix, forgetting and average CAS) are the records a run folder stores as `metrics.json`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 SampleFn = Callable[[int, int, torch.Generator], Tensor]
 """`sample_fn(class_label, num_samples, generator) -> (num_samples, channels, height, width)` images in [-1, 1]."""
@@ -639,6 +642,9 @@ def frechet_distance(
     num_features = getattr(feature_extractor, "num_features", None)
     if not isinstance(num_features, int):
         num_features = _PenultimateFeatures(feature_extractor, 0)(real_images[:2].to(device).float()).shape[1]
+    # torchmetrics takes a second to import: only the FD needs it.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     # The caller passes all the images it wants compared: never gather states from other processes (under
     # torch.distributed only the main process evaluates, and a gather would wait for the others forever).
     metric = FrechetInceptionDistance(
@@ -825,3 +831,248 @@ def evaluate_stage(
         fd=fd,
         fd_per_task=fd_per_task,
     )
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    """sha256 of a tensor's bytes (contiguous, on CPU): equal digests mean bit-identical tensors."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The records of a run: one row per task, and the run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskMetrics:
+    """The evaluation after task `task` (tasks 0..task seen): one row of a run's `metrics.json`.
+
+    Accuracies are fractions. Training facts (steps, seconds, parameters) are None when the row was not produced by a
+    training run.
+    """
+
+    task: int = field(metadata={"help": "Index k of the last task trained."})
+    class_ids: list[int] = field(metadata={"help": "The classes of task k."})
+    seen_class_ids: list[int] = field(metadata={"help": "All classes of tasks 0..k, in task order."})
+    cas: float = field(metadata={"help": "CAS over all classes seen so far."})
+    cas_per_task: list[float] = field(metadata={"help": "CAS test accuracy of each task j <= k's classes."})
+    recognition: float = field(metadata={"help": "Recognition accuracy of all generated samples."})
+    accuracy_per_task: list[float] = field(metadata={"help": "Recognition accuracy of each task j <= k: a row."})
+    fd: float | None = field(default=None, metadata={"help": "Frechet distance of all seen classes."})
+    fd_per_task: list[float] | None = field(default=None, metadata={"help": "FD restricted to each task j <= k."})
+    real_data_accuracy_seen: float | None = field(
+        default=None, metadata={"help": "The real-data classifier's accuracy on the seen classes' test images."}
+    )
+    samples_sha256: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "sha256 of each class's evaluation samples, keyed by class id."}
+    )
+    old_samples_identical: bool | None = field(
+        default=None, metadata={"help": "Every earlier class's samples are bit-identical to the previous row's."}
+    )
+    train_steps: int | None = field(default=None, metadata={"help": "Optimisation steps of task k."})
+    train_seconds: float | None = field(default=None, metadata={"help": "Training time of task k."})
+    eval_seconds: float | None = field(default=None, metadata={"help": "Saving and evaluation time after task k."})
+    final_loss: float | None = field(default=None, metadata={"help": "Loss of the last training step."})
+    trainable_parameters: int | None = field(default=None, metadata={"help": "Parameters task k trained."})
+    extra_parameters_per_class: int | None = field(
+        default=None, metadata={"help": "Adapter parameters per class of task k."}
+    )
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TaskMetrics:
+        """The row stored as `data` (unknown keys are ignored, missing optional ones are None)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a metrics row must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ContinualMetrics:
+    """The evaluation of a continual run after each of its tasks: what a run folder stores as `metrics.json`.
+
+    `add` appends (or replaces) the row of a task; the accuracy matrix (`rows[k][j]` = recognition accuracy of task
+    j after task k), `forgetting` and `average_cas` follow from the rows.
+
+    Example:
+        >>> metrics = ContinualMetrics(dataset="digits", task_layout=[[0, 1], [2, 3]], real_data_accuracy=0.99)
+        >>> metrics.add(row_after_task_0)
+        >>> metrics.add(row_after_task_1)
+        >>> metrics.forgetting, metrics.average_cas
+    """
+
+    dataset: str | None = None
+    function: str | None = None
+    num_functions: int | None = None
+    task_layout: list[list[int]] = field(default_factory=list)
+    real_data_accuracy: float | None = None
+    tasks: list[TaskMetrics] = field(default_factory=list)
+
+    def add(self, row: TaskMetrics) -> None:
+        """Set the row of task `row.task` (dropping any later rows) and mark whether old samples stayed identical."""
+        if not 0 <= row.task <= len(self.tasks):
+            raise ValueError(
+                f"the row of task {row.task} cannot follow the rows of tasks 0..{len(self.tasks) - 1}; add the rows "
+                "in task order."
+            )
+        previous = self.tasks[row.task - 1].samples_sha256 if row.task > 0 else {}
+        if row.old_samples_identical is None and previous:
+            row.old_samples_identical = all(row.samples_sha256.get(c) == digest for c, digest in previous.items())
+        self.tasks = self.tasks[: row.task] + [row]
+
+    @property
+    def accuracy_matrix(self) -> AccuracyMatrix:
+        matrix = AccuracyMatrix()
+        for row in self.tasks:
+            matrix.append(row.accuracy_per_task)
+        return matrix
+
+    @property
+    def forgetting(self) -> float | None:
+        """`forgetting` of the recognition accuracy matrix; None before the first row."""
+        return self.accuracy_matrix.forgetting() if self.tasks else None
+
+    @property
+    def average_cas(self) -> float | None:
+        """Mean of the CAS after each task (the average incremental CAS); None before the first row."""
+        return sum(row.cas for row in self.tasks) / len(self.tasks) if self.tasks else None
+
+    @property
+    def old_samples_identical(self) -> bool | None:
+        """Whether every earlier class's samples stayed bit-identical after every task; None with one row."""
+        marks = [row.old_samples_identical for row in self.tasks[1:]]
+        return None if not marks or None in marks else all(marks)
+
+    def to_dict(self) -> dict:
+        """The JSON object of `metrics.json` (the rows, then the accuracy matrix, forgetting and average CAS)."""
+        data = asdict(self)
+        data.update(
+            accuracy_matrix=self.accuracy_matrix.rows, forgetting=self.forgetting, average_cas=self.average_cas
+        )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ContinualMetrics:
+        """The record stored as `data`; the derived entries are recomputed from the rows."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"metrics must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)} - {"tasks"}
+        metrics = cls(**{k: v for k, v in data.items() if k in known})
+        rows = data.get("tasks") or []
+        if not isinstance(rows, list):
+            raise TypeError(f"'tasks' must be a list of rows, got {type(rows).__name__}.")
+        metrics.tasks = [TaskMetrics.from_dict(row) for row in rows]
+        return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating a run after each task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ContinualEvaluator:
+    """Scores a class-incremental generator after each task with one FIXED classifier trained on real data.
+
+    After task k the generator's samples of every class seen so far (`samples_per_class` each, one seeded generator
+    per class, `generate_per_class`) give the CAS, row k of the recognition accuracy matrix and the Frechet distance
+    (`evaluate_stage`), and the columns of a sample grid.
+
+    Args:
+        data: an `ImageClassificationData` (its real train images train the fixed classifier, its real test images
+            are what CAS is measured on).
+        tasks: the class ids of every task of the run.
+        seed: seeds the classifiers and the sampling generators.
+        samples_per_class: generated samples per class for CAS, recognition and FD (at least 2).
+        classifier_epochs, classifier_augment: training of the fixed classifier and of every CAS classifier.
+        grid_columns: samples per class shown in the grid.
+        classifier: a trained fixed classifier to use instead of training one.
+
+    Example:
+        >>> evaluator = ContinualEvaluator(data, tasks, seed=0)
+        >>> row, grid = evaluator.evaluate(pipeline_sample_fn(pipe, 10), task=0)
+    """
+
+    def __init__(
+        self,
+        data,
+        tasks: Sequence[Sequence[int]],
+        *,
+        seed: int = 0,
+        samples_per_class: int = 100,
+        classifier_epochs: int = 15,
+        classifier_augment: bool = True,
+        grid_columns: int = 10,
+        classifier: nn.Module | None = None,
+    ) -> None:
+        if samples_per_class < 2:
+            raise ValueError(
+                f"samples_per_class={samples_per_class} must be >= 2: the Frechet distance needs a covariance."
+            )
+        self.data, self.tasks, self.seed = data, [list(task) for task in tasks], seed
+        self.samples_per_class, self.grid_columns = samples_per_class, grid_columns
+        self.classifier_epochs, self.classifier_augment = classifier_epochs, classifier_augment
+        self.num_classes = len(data.class_names)
+        started = time.perf_counter()
+        if classifier is None:
+            classifier = train_classifier(
+                data.train_images,
+                data.train_labels,
+                num_classes=self.num_classes,
+                epochs=classifier_epochs,
+                seed=seed,
+                augment=classifier_augment,
+            )
+        self.classifier = classifier.eval()
+        self.classifier_seconds = time.perf_counter() - started
+        # When the layout covers every class this is `real_data_accuracy` with the same settings: the same seeded
+        # classifier trained on the same images, tested on the same real test images.
+        self.real_data_accuracy = self.real_accuracy([c for task in self.tasks for c in task])
+
+    def real_accuracy(self, class_ids: Sequence[int]) -> float:
+        """The fixed classifier's accuracy on the real test images of `class_ids` (argmax over those classes)."""
+        class_ids = list(class_ids)
+        keep = torch.isin(self.data.test_labels, torch.tensor(class_ids))
+        predictions = predict(self.classifier, self.data.test_images[keep], class_ids=class_ids)
+        return (predictions == self.data.test_labels[keep]).double().mean().item()
+
+    def evaluate(self, sample_fn: SampleFn, task: int) -> tuple[TaskMetrics, Tensor]:
+        """The metrics after task `task` and the sample grid.
+
+        Returns:
+            The `TaskMetrics` row and the grid images `(seen classes * grid_columns, channels, height, width)` in
+            [0, 1], one class after the other.
+        """
+        started = time.perf_counter()
+        seen_tasks = self.tasks[: task + 1]
+        seen = [c for t in seen_tasks for c in t]
+        images, labels = generate_per_class(sample_fn, seen, self.samples_per_class, seed=self.seed)
+        images, labels = images.cpu(), labels.cpu()
+        stage = evaluate_stage(
+            self.classifier,
+            self.data.test_images,
+            self.data.test_labels,
+            seen_tasks,
+            images,
+            labels,
+            num_classes=self.num_classes,
+            seed=self.seed,
+            epochs=self.classifier_epochs,
+            augment=self.classifier_augment,
+        )
+        columns = min(self.grid_columns, self.samples_per_class)
+        grid = torch.cat([images[labels == c][:columns] for c in seen])
+        row = TaskMetrics(
+            task=task,
+            class_ids=list(self.tasks[task]),
+            seen_class_ids=seen,
+            cas=stage.cas,
+            cas_per_task=stage.cas_per_task,
+            recognition=stage.recognition,
+            accuracy_per_task=stage.recognition_per_task,
+            fd=stage.fd,
+            fd_per_task=stage.fd_per_task,
+            real_data_accuracy_seen=self.real_accuracy(seen),
+            samples_sha256={str(c): tensor_sha256(images[labels == c]) for c in seen},
+            eval_seconds=time.perf_counter() - started,
+        )
+        return row, (grid + 1) / 2

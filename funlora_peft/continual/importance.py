@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,8 +37,7 @@ from ..tuner.config import FunLoRAConfig
 from ..tuner.layer import FunLoRALayer
 
 PROBE_ADAPTER = "importance_probe"
-IMPORTANCE_FILE = "importance.json"  # in a run folder: the scores, how they were obtained and the selected layers
-IMPORTANCE_PLOT = "importance.png"
+SELECTIONS = ("top_k", "fraction", "bottom_k", "random_k")
 
 # Prefixes PEFT puts in front of the base model's module names.
 _PEFT_PREFIXES = ("base_model.model.", "model.")
@@ -140,43 +139,72 @@ def select_target_modules(
     return [name for j, name in enumerate(names) if j in keep]
 
 
-def parse_selection(value: str, flag: str = "--select_layers") -> dict:
-    """`"top_k=15"` -> `{"top_k": 15}`, `"fraction=0.25"` -> `{"fraction": 0.25}`: `select_target_modules` kwargs."""
-    key, sep, number = str(value).partition("=")
-    key = key.strip()
+def parse_selection(value: str) -> dict:
+    """A layer selection as text -> `{kind: number}`: `"top_k=15"` -> `{"top_k": 15}`, `"fraction=0.25"` ->
+    `{"fraction": 0.25}`, and for ablations `"bottom_k=5"` (the least important) and `"random_k=5"` (drawn at random).
+    """
+    kind, sep, number = str(value).partition("=")
+    kind = kind.strip()
     try:
-        if sep and key == "top_k":
+        if sep and kind in ("top_k", "bottom_k", "random_k"):
             parsed = int(number)
             if parsed >= 1:
-                return {"top_k": parsed}
-        elif sep and key == "fraction":
+                return {kind: parsed}
+        elif sep and kind == "fraction":
             parsed = float(number)
             if 0 < parsed <= 1:
                 return {"fraction": parsed}
     except ValueError:
         pass
     raise ValueError(
-        f"{flag}={value!r} must be top_k=K with an integer K >= 1 (e.g. top_k=15) or fraction=F with 0 < F <= 1 "
-        "(e.g. fraction=0.25)."
+        f"layer selection {value!r} must be top_k=K with an integer K >= 1 (e.g. top_k=15), fraction=F with "
+        "0 < F <= 1 (e.g. fraction=0.25), or for ablations bottom_k=K or random_k=K."
     )
 
 
-def read_importance(folder: str | Path) -> dict | None:
-    """The run folder's `importance.json` (scores, source, selected layers), or None when it has none."""
-    path = Path(folder) / IMPORTANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete it to select the layers again.") from None
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("scores"), dict)
-        or not isinstance(data.get("selected"), list)
-    ):
-        raise ValueError(f"{path} lacks its 'scores' or 'selected' entry; delete it to select the layers again.")
-    return data
+def apply_selection(scores: dict[str, float], selection: str, seed: int = 0) -> list[str]:
+    """The convs a selection (`parse_selection`'s text) keeps from `scores`, in U-Net order.
+
+    `top_k` and `fraction` keep the largest |I_l| (`select_target_modules`), `bottom_k` the smallest, `random_k` draws
+    K at random with `seed` (`random_target_modules`). K larger than the number of scored convs keeps them all.
+    """
+    ((kind, number),) = parse_selection(selection).items()
+    if kind == "fraction":
+        return select_target_modules(scores, fraction=number)
+    number = min(number, len(scores))
+    if kind == "random_k":
+        return random_target_modules(scores, number, seed=seed)
+    return select_target_modules(scores, top_k=number, largest=kind == "top_k")
+
+
+@dataclass
+class ImportanceRecord:
+    """A run's layer selection, stored as `importance.json`: the scores, how they were obtained, the convs kept."""
+
+    select_layers: str = field(metadata={"help": "The selection, e.g. 'top_k=15' (`parse_selection`)."})
+    source: str = field(metadata={"help": "Where the scores come from: 'probe' or 'task0'."})
+    detail: str = field(metadata={"help": "A sentence on how the scores were obtained."})
+    scores: dict[str, float] = field(metadata={"help": "{conv module name: I_l}, in U-Net order."})
+    selected: list[str] = field(metadata={"help": "The convs tasks 1, 2, ... adapt, in U-Net order."})
+    seconds: float | None = field(default=None, metadata={"help": "Time spent scoring."})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ImportanceRecord:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"an importance record must be a JSON object, got {type(data).__name__}.")
+        if not isinstance(data.get("scores"), Mapping) or not isinstance(data.get("selected"), list):
+            raise ValueError("it lacks its 'scores' or 'selected' entry")
+        return cls(
+            select_layers=str(data.get("select_layers")),
+            source=str(data.get("source")),
+            detail=str(data.get("detail", data.get("source"))),
+            scores={str(k): float(v) for k, v in data["scores"].items()},
+            selected=[str(name) for name in data["selected"]],
+            seconds=data.get("seconds"),
+        )
 
 
 def random_target_modules(scores: dict[str, float] | Sequence[str], k: int, seed: int) -> list[str]:

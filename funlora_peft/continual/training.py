@@ -1,82 +1,165 @@
-"""Building blocks of the continual training script `examples/train.py`.
+"""What each task of the continual protocol trains, and the randomness of every training step (method.md §1).
 
+- The backbone: `unet_config` gives the `UNet2DModel` of the protocol (no class embedding: the FunLoRA adapters do
+  all the conditioning, with self-attention at one level at most).
+- What a task trains: task 0 trains the backbone together with task 0's adapter; every later task k trains ONLY
+  adapter `task_k` (`set_trainable`, `optimizer_groups`), with its initialisation seeded by (seed, task) alone
+  (`task_adapter_config`).
 - Step randomness: every optimisation step draws its batch indices, noise x_0 and times t from a generator seeded by
-  `(seed, task, step)` alone, so a resumed run replays exactly the steps an uninterrupted one takes (`step_generator`,
-  `draw_training_batch`).
-- Run-folder outputs written atomically: the backbone in diffusers format (`save_backbone`), one task's adapter
-  (`save_adapter`), JSON files (`write_json_atomic`) and a sample grid PNG (`make_image_grid`).
-- Checkpoints: `Checkpointer.save_state` into a hidden temporary folder (the model, EMA and optimizer tensors as
-  safetensors, the optimizer's settings and the scheduler's state as JSON: nothing pickled), a `training_state.json`
-  listing the sha256 of every file and the run's key settings, then one rename to `checkpoint-{global_step}`;
-  `read_checkpoint` refuses a missing, incomplete, corrupted or foreign checkpoint before anything is loaded.
+  `(seed, task, step)` alone, so a resumed run replays exactly the steps an uninterrupted one takes
+  (`step_generator`, `draw_training_batch`).
+
+The training loop itself lives in `examples/train.py`, built on these pieces.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-from diffusers import UNet2DModel
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 from torch import nn
 
 from ..flow_matching import make_flow_matching_batch
-from ..tuner.model import check_adapter_state_dict
+from ..run_folder import task_name
+from ..tuner.config import FunLoRAConfig
+from ..tuner.model import FunLoRAModel
 
 __all__ = [
-    "CHECKPOINT_FILES",
-    "CHECKPOINT_PREFIX",
-    "CheckpointError",
-    "Checkpointer",
     "TrainingBatch",
-    "TrainingState",
     "adapter_parameter_count",
-    "backbone_state_dict",
     "draw_training_batch",
-    "list_checkpoints",
-    "make_image_grid",
-    "pipeline_sample_fn",
-    "prune_checkpoints",
-    "read_checkpoint",
-    "resolve_checkpoint",
-    "save_adapter",
-    "save_backbone",
-    "save_checkpoint",
+    "optimizer_groups",
+    "set_trainable",
     "step_generator",
-    "tensor_sha256",
-    "write_json_atomic",
+    "task_adapter_config",
+    "trainable_parameter_names",
+    "unet_config",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.json"
-STATE_FORMAT_VERSION = 1
-CKPT_ADAPTER_FILE = "adapter_model.safetensors"
-CKPT_BACKBONE_FILE = "backbone.safetensors"
-CKPT_EMA_FILE = "ema.safetensors"
-CKPT_OPTIMIZER_TENSORS = "optimizer.safetensors"
-CKPT_OPTIMIZER_JSON = "optimizer.json"
-CKPT_SCHEDULER_JSON = "scheduler.json"
-CKPT_SCALER_JSON = "grad_scaler.json"
-# What every checkpoint holds; a task-0 checkpoint also holds CKPT_BACKBONE_FILE, one with an EMA CKPT_EMA_FILE.
-CHECKPOINT_FILES = (CKPT_ADAPTER_FILE, CKPT_OPTIMIZER_TENSORS, CKPT_OPTIMIZER_JSON, CKPT_SCHEDULER_JSON)
-ADAPTER_PREFIX = "funlora_"
+_ADAPTER_PREFIX = FunLoRAModel.prefix
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed: missing, incomplete, corrupted, or written by another run."""
+# --------------------------------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def unet_config(
+    *,
+    resolution: int,
+    num_channels: int,
+    block_out_channels: Sequence[int],
+    layers_per_block: int = 1,
+    attention_level: int | None = None,
+    norm_num_groups: int = 8,
+    attention_head_dim: int = 8,
+) -> dict:
+    """Keyword arguments of the protocol's `UNet2DModel`: no class embedding, self-attention at one level at most.
+
+    Args:
+        resolution: image side; must divide by 2^(levels - 1).
+        num_channels: image channels (in and out).
+        block_out_channels: channels of each level, e.g. (32, 64, 64); each must divide by `norm_num_groups`.
+        layers_per_block: ResNet layers per block.
+        attention_level: the level (0 = full resolution) whose down and up blocks get self-attention, or None.
+        norm_num_groups: GroupNorm groups.
+        attention_head_dim: channels per attention head.
+    """
+    channels = [int(c) for c in block_out_channels]
+    if not channels:
+        raise ValueError("block_out_channels is empty; pass the channels of each level, e.g. (32, 64, 64).")
+    for name, value in (
+        ("resolution", resolution),
+        ("num_channels", num_channels),
+        ("layers_per_block", layers_per_block),
+        ("norm_num_groups", norm_num_groups),
+        ("attention_head_dim", attention_head_dim),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    bad = [c for c in channels if c < 1 or c % norm_num_groups]
+    if bad:
+        raise ValueError(
+            f"block_out_channels={tuple(channels)}: widths {bad} do not divide by norm_num_groups={norm_num_groups}; "
+            "pick widths that are multiples of it."
+        )
+    levels = len(channels)
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(
+            f"resolution={resolution} must divide by 2^(levels - 1) = {2 ** (levels - 1)} for {levels} UNet levels; "
+            "change the resolution or the number of levels."
+        )
+    if attention_level is not None and not 0 <= attention_level < levels:
+        raise ValueError(f"attention_level={attention_level!r} must be None or a level in 0..{levels - 1}.")
+    down = ["AttnDownBlock2D" if i == attention_level else "DownBlock2D" for i in range(levels)]
+    up = ["AttnUpBlock2D" if levels - 1 - i == attention_level else "UpBlock2D" for i in range(levels)]
+    return dict(
+        sample_size=resolution,
+        in_channels=num_channels,
+        out_channels=num_channels,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=norm_num_groups,
+        attention_head_dim=attention_head_dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a task trains
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def task_adapter_config(class_ids: Sequence[int], task: int, seed: int, **config) -> FunLoRAConfig:
+    """The `FunLoRAConfig` of task `task`, whose initialisation depends on `(seed, task)` only (exact resume).
+
+    `config` holds the other `FunLoRAConfig` fields (function, num_functions, target_modules, init_*).
+    """
+    return FunLoRAConfig(class_ids=list(class_ids), init_seed=seed * 1000 + task, **config)
+
+
+def trainable_parameter_names(model: PeftModel, task: int) -> list[str]:
+    """Names of the parameters task `task` trains: adapter `task_k`, plus the backbone for task 0."""
+    suffix = f".{task_name(task)}"
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if (_ADAPTER_PREFIX in name and name.endswith(suffix)) or (task == 0 and _ADAPTER_PREFIX not in name)
+    ]
+
+
+def set_trainable(model: PeftModel, task: int) -> list[str]:
+    """Make exactly task `task`'s parameters trainable (`trainable_parameter_names`) and return their names.
+
+    PEFT's `set_adapter` handles the adapters only; the backbone is trainable in task 0 alone.
+    """
+    model.set_adapter(task_name(task))
+    names = trainable_parameter_names(model, task)
+    wanted = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+    return names
+
+
+def optimizer_groups(model: PeftModel, task: int, *, learning_rate: float, adapter_learning_rate: float) -> list[dict]:
+    """The optimizer's parameter groups of task `task`: the backbone (task 0 only) and the task's adapter."""
+    named = dict(model.named_parameters())
+    names = trainable_parameter_names(model, task)
+    groups = [{"params": [named[n] for n in names if _ADAPTER_PREFIX in n], "lr": adapter_learning_rate}]
+    if task == 0:
+        groups.insert(0, {"params": [named[n] for n in names if _ADAPTER_PREFIX not in n], "lr": learning_rate})
+    return groups
+
+
+def adapter_parameter_count(peft_model: nn.Module, adapter_name: str) -> int:
+    """Number of scalars in the tensors of `adapter_name` (all classes, all layers)."""
+    suffix = f".{adapter_name}"
+    return sum(p.numel() for n, p in peft_model.named_parameters() if _ADAPTER_PREFIX in n and n.endswith(suffix))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,445 +238,3 @@ def draw_training_batch(
     return TrainingBatch(
         x_t=batch.x_t[part], t=batch.t[part], velocity=batch.velocity[part], class_labels=labels[index][part]
     )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Atomic outputs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _tmp_dir_beside(target: Path) -> Path:
-    """A new hidden folder next to `target` with the permissions of a plain `mkdir` (mkdtemp's are 0700)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished folder `new` to `target`; an existing `target` is swapped out first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def backbone_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The wrapped UNet's own tensors under plain `UNet2DModel` names (adapter tensors and `.base_layer` removed)."""
-    unet = peft_model.get_base_model()
-    state = {}
-    for key, tensor in unet.state_dict().items():
-        if ADAPTER_PREFIX in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = tensor.detach()
-    return state
-
-
-def save_backbone(peft_model: nn.Module, folder: str | os.PathLike) -> None:
-    """Save the base UNet of `peft_model` as a plain `UNet2DModel` (config + safetensors) into `folder`, atomically."""
-    folder = Path(folder)
-    unet = peft_model.get_base_model()
-    plain = UNet2DModel.from_config(unet.config)
-    plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(peft_model).items()}, strict=True)
-    tmp = _tmp_dir_beside(folder)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    _replace_dir(tmp, folder)
-
-
-def save_adapter(peft_model: nn.Module, adapter_name: str, output_dir: str | os.PathLike) -> Path:
-    """Save one adapter with PEFT's `save_pretrained` to `output_dir/adapter_name`, atomically.
-
-    PEFT writes the adapter into a subfolder named after it and a model card beside it; the card is dropped (the run's
-    card is written elsewhere) and the subfolder is moved into place.
-    """
-    output_dir = Path(output_dir)
-    tmp = _tmp_dir_beside(output_dir / adapter_name)
-    try:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
-        written = tmp / adapter_name if adapter_name != "default" else tmp
-        (tmp / "README.md").unlink(missing_ok=True)
-        target = output_dir / adapter_name
-        _replace_dir(written, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def make_image_grid(images: torch.Tensor, rows: int, *, padding: int = 1, scale: int = 2) -> Image.Image:
-    """Tile `(rows * cols, channels, height, width)` images in [0, 1] row by row into one PIL image.
-
-    Images are separated by `padding` white pixels and the grid is enlarged `scale` times (nearest neighbour), so
-    that 16x16 samples stay legible.
-    """
-    if images.dim() != 4 or images.shape[0] % rows:
-        raise ValueError(f"images must be (rows * cols, C, H, W) with rows={rows}, got {tuple(images.shape)}.")
-    count, channels, height, width = images.shape
-    cols = count // rows
-    grid = torch.ones(channels, rows * (height + padding) + padding, cols * (width + padding) + padding)
-    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
-        r, c = divmod(i, cols)
-        top, left = padding + r * (height + padding), padding + c * (width + padding)
-        grid[:, top : top + height, left : left + width] = image
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array, mode="L" if channels == 1 else "RGB")
-    if scale != 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    return picture
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (contiguous, on CPU): equal digests mean bit-identical tensors."""
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation glue
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def pipeline_sample_fn(pipe, num_inference_steps: int) -> Callable[[int, int, torch.Generator], torch.Tensor]:
-    """A `funlora_peft.continual.evaluation.SampleFn` over a `FunLoRAPipeline`: single-class batches, images in [-1, 1]."""
-
-    def sample_fn(class_label: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        images = pipe(
-            class_labels=[int(class_label)] * num_samples,
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            output_type="pt",
-        ).images
-        return images * 2 - 1
-
-    return sample_fn
-
-
-def adapter_parameter_count(peft_model: nn.Module, adapter_name: str) -> int:
-    """Number of scalars in the tensors of `adapter_name` (all classes, all layers)."""
-    suffix = f".{adapter_name}"
-    return sum(p.numel() for n, p in peft_model.named_parameters() if ADAPTER_PREFIX in n and n.endswith(suffix))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingState:
-    """Where a checkpoint stands, stored as `training_state.json` in it.
-
-    Attributes:
-        task: index of the task being trained.
-        task_step: optimisation steps of that task already done (equal to the task's step count once it is trained).
-        global_step: optimisation steps over all tasks.
-        train_seconds: training time of the current task so far.
-        run_key: the settings that determine the training trajectory; a checkpoint resumes only a run with equal ones.
-        ema_optimization_step: the EMA's step counter (None without EMA).
-        files: sha256 of every other file of the checkpoint.
-    """
-
-    task: int
-    task_step: int
-    global_step: int
-    train_seconds: float = 0.0
-    run_key: dict = field(default_factory=dict)
-    ema_optimization_step: int | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    format_version: int = STATE_FORMAT_VERSION
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """`(global_step, path)` of the finished `checkpoint-N` folders of `output_dir`, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def resolve_checkpoint(output_dir: str | os.PathLike, value: str) -> Path | None:
-    """The folder `--resume_from_checkpoint value` names: "latest" (None when there is none), a path, or a name.
-
-    A name without a path (e.g. `checkpoint-500`) is looked up in `output_dir`.
-    """
-    if value == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(value)
-    if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
-        path = Path(output_dir) / value
-    if not path.is_dir():
-        raise CheckpointError(
-            f"--resume_from_checkpoint={value!r}: no such checkpoint folder ({path}). Pass 'latest' or a "
-            f"{CHECKPOINT_PREFIX}N folder written by this script; available in {output_dir}: "
-            f"{[p.name for _, p in list_checkpoints(output_dir)]}."
-        )
-    return path
-
-
-def save_checkpoint(
-    checkpointer,
-    output_dir: str | os.PathLike,
-    state: TrainingState,
-    total_limit: int | None = None,
-) -> Path:
-    """Write `checkpoint-{global_step}` atomically (main process only) and prune old ones to `total_limit`.
-
-    `checkpointer.save_state` (a `Checkpointer`) writes into a hidden temporary folder; `training_state.json` (with the
-    sha256 of every file) is written last and the folder renamed into place, so a kill at any moment leaves either the
-    previous set of checkpoints or a complete new one, never a half-written `checkpoint-N`.
-    """
-    output_dir = Path(output_dir)
-    target = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-    for stale in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = _tmp_dir_beside(target)
-    checkpointer.save_state(tmp)
-    state.files = {
-        path.relative_to(tmp).as_posix(): _sha256_file(path) for path in sorted(tmp.rglob("*")) if path.is_file()
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    _replace_dir(tmp, target)
-    prune_checkpoints(output_dir, total_limit)
-    return target
-
-
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints beyond `total_limit`; returns the deleted folders."""
-    if total_limit is None:
-        return []
-    checkpoints = list_checkpoints(output_dir)
-    removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
-
-
-def read_checkpoint(path: str | os.PathLike, run_key: dict, required_files: Sequence[str] = ()) -> TrainingState:
-    """Read and check a checkpoint before anything is loaded from it.
-
-    Refuses (with `CheckpointError`) a folder without `training_state.json`, an unknown format, a run key that differs
-    from `run_key` (a checkpoint of another run), a missing required file and any file whose sha256 differs from the
-    one recorded at save time (a corrupted or edited checkpoint).
-    """
-    path = Path(path)
-    state_path = path / STATE_FILE
-    if not state_path.is_file():
-        raise CheckpointError(
-            f"{path} is not a checkpoint of examples/train.py: it has no {STATE_FILE}. Resume only from "
-            f"{CHECKPOINT_PREFIX}N folders this script wrote."
-        )
-    try:
-        data = json.loads(state_path.read_text())
-        state = TrainingState(**data)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{state_path} is corrupted ({err}); resume from another checkpoint.") from None
-    if state.format_version != STATE_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{state_path}: unknown format_version {state.format_version!r} (this script writes "
-            f"{STATE_FORMAT_VERSION})."
-        )
-    differences = {
-        key: (state.run_key.get(key, "<missing>"), run_key.get(key, "<missing>"))
-        for key in sorted(set(state.run_key) | set(run_key))
-        if state.run_key.get(key, "<missing>") != run_key.get(key, "<missing>")
-    }
-    if differences:
-        shown = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differences.items())
-        raise CheckpointError(
-            f"{path} belongs to a different run ({shown}). Resume with the flags of the run that wrote it, or "
-            "start a new run in another --output_dir."
-        )
-    for name in required_files:
-        if name not in state.files:
-            raise CheckpointError(f"{path} is incomplete: it lacks {name}.")
-    for name, expected in state.files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path} is incomplete: {name} is missing.")
-        if _sha256_file(file) != expected:
-            raise CheckpointError(
-                f"{path}: {name} does not match the sha256 recorded when the checkpoint was written (corrupted or "
-                "modified); resume from another checkpoint."
-            )
-    return state
-
-
-def check_checkpoint_tensors(
-    path: str | os.PathLike, peft_model: nn.Module, adapter_name: str, with_backbone: bool, ema_names: Sequence[str]
-) -> None:
-    """Check that the checkpoint's tensors fit `peft_model` (names, shapes, finite values) before loading any."""
-    path = Path(path)
-    adapter = load_file(path / CKPT_ADAPTER_FILE)
-    problem = check_adapter_state_dict(peft_model, adapter_name, adapter)
-    if problem is not None:
-        raise CheckpointError(f"{path / CKPT_ADAPTER_FILE}: {problem}")
-    if with_backbone:
-        expected = {k: v for k, v in peft_model.state_dict().items() if ADAPTER_PREFIX not in k}
-        _check_tensor_file(path / CKPT_BACKBONE_FILE, expected)
-    if ema_names:
-        params = dict(peft_model.named_parameters())
-        _check_tensor_file(path / CKPT_EMA_FILE, {name: params[name] for name in ema_names})
-
-
-def _check_tensor_file(file: Path, expected: dict[str, torch.Tensor]) -> None:
-    with safe_open(file, framework="pt") as handle:
-        keys = set(handle.keys())
-        if keys != set(expected):
-            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
-            raise CheckpointError(f"{file} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}.")
-        for key in keys:
-            shape = tuple(handle.get_slice(key).get_shape())
-            if shape != tuple(expected[key].shape):
-                raise CheckpointError(f"{file}: {key} has shape {shape}, the model {tuple(expected[key].shape)}.")
-
-
-def optimizer_state_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer `state_dict()` into its tensors (for safetensors) and the rest (for JSON).
-
-    Tensors are keyed `state.<param index>.<name>` (e.g. `state.3.exp_avg`); `param_groups` and non-tensor state
-    entries go to the JSON part. `optimizer_state_from_files` is the inverse.
-    """
-    tensors, state = {}, {}
-    for index, entries in state_dict["state"].items():
-        kept = {}
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                kept[name] = value
-        state[str(index)] = kept
-    meta = {"state": state, "param_groups": state_dict["param_groups"]}
-    json.dumps(meta)  # a value JSON cannot hold fails here, at save time, not at resume
-    return tensors, meta
-
-
-def optimizer_state_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """The optimizer `state_dict()` that `optimizer_state_to_files` split."""
-    state = {int(index): dict(kept) for index, kept in meta["state"].items()}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-class Checkpointer:
-    """Writes and reads the training state of a checkpoint as safetensors and JSON: nothing is pickled.
-
-    A checkpoint holds the trained adapter (`adapter_model.safetensors`, PEFT's key format), the backbone while it
-    trains (`backbone.safetensors`, during task 0 only: later the frozen backbone lives in the run's `backbone/`
-    folder), the EMA's shadow tensors (`ema.safetensors`) when an EMA is set, the optimizer state
-    (`optimizer.safetensors` + `optimizer.json`), the learning-rate scheduler state (`scheduler.json`) and, with
-    fp16 mixed precision, the gradient scaler's (`grad_scaler.json`). No random-number state is needed: every step
-    draws its randomness from `step_generator(seed, task, step)`.
-
-    Example:
-        >>> checkpointer = Checkpointer(accelerator)
-        >>> checkpointer.configure("task_0", train_backbone=True, model=model, optimizer=optimizer, lr_scheduler=sched)
-        >>> save_checkpoint(checkpointer, output_dir, state)      # calls checkpointer.save_state(folder)
-        >>> checkpointer.load_state(folder)
-    """
-
-    def __init__(self, accelerator) -> None:
-        self.accelerator = accelerator
-        self.adapter_name: str | None = None
-        self.train_backbone = False
-        self.ema = None
-        self.ema_names: list[str] = []
-        self.model = self.optimizer = self.lr_scheduler = None
-
-    def configure(
-        self,
-        adapter_name: str,
-        train_backbone: bool,
-        ema=None,
-        ema_names: Sequence[str] = (),
-        *,
-        model: nn.Module,
-        optimizer,
-        lr_scheduler,
-    ) -> None:
-        """Set what the next checkpoints hold: the adapter being trained, the backbone or not, the EMA, and the
-        (prepared) model, optimizer and scheduler of the task."""
-        self.adapter_name = adapter_name
-        self.train_backbone = train_backbone
-        self.ema = ema
-        self.ema_names = list(ema_names)
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-
-    def _scaler(self):
-        return getattr(self.accelerator, "scaler", None)
-
-    def save_state(self, folder: str | os.PathLike) -> None:
-        """Write the training state into `folder` (an existing, empty folder)."""
-        folder = Path(folder)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        adapter = get_peft_model_state_dict(peft_model, adapter_name=self.adapter_name, save_embedding_layers=False)
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, folder / CKPT_ADAPTER_FILE)
-        if self.train_backbone:
-            backbone = {k: v.detach().cpu().contiguous() for k, v in peft_model.state_dict().items()}
-            save_file({k: v for k, v in backbone.items() if ADAPTER_PREFIX not in k}, folder / CKPT_BACKBONE_FILE)
-        if self.ema is not None:
-            shadow = {n: s.detach().cpu().contiguous() for n, s in zip(self.ema_names, self.ema.shadow_params)}
-            save_file(shadow, folder / CKPT_EMA_FILE)
-        tensors, meta = optimizer_state_to_files(self.optimizer.state_dict())
-        save_file(tensors, folder / CKPT_OPTIMIZER_TENSORS)
-        _write_json(folder / CKPT_OPTIMIZER_JSON, meta)
-        _write_json(folder / CKPT_SCHEDULER_JSON, self.lr_scheduler.state_dict())
-        if self._scaler() is not None:
-            _write_json(folder / CKPT_SCALER_JSON, self._scaler().state_dict())
-
-    def load_state(self, folder: str | os.PathLike) -> None:
-        """Load what `save_state` wrote (after `read_checkpoint` and `check_checkpoint_tensors` checked it)."""
-        folder = Path(folder)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        device = next(peft_model.parameters()).device
-        adapter = load_file(folder / CKPT_ADAPTER_FILE, device=str(device))
-        result = set_peft_model_state_dict(peft_model, adapter, adapter_name=self.adapter_name)
-        if result.unexpected_keys:
-            raise CheckpointError(f"{folder}: unexpected adapter tensors {result.unexpected_keys[:3]}.")
-        if self.train_backbone:
-            backbone = load_file(folder / CKPT_BACKBONE_FILE, device=str(device))
-            missing, unexpected = peft_model.load_state_dict(backbone, strict=False)
-            missing = [k for k in missing if ADAPTER_PREFIX not in k]
-            if missing or unexpected:
-                raise CheckpointError(f"{folder}: backbone tensors missing {missing[:3]}, extra {unexpected[:3]}.")
-        if self.ema is not None:
-            shadow = load_file(folder / CKPT_EMA_FILE)
-            with torch.no_grad():
-                for name, tensor in zip(self.ema_names, self.ema.shadow_params):
-                    tensor.copy_(shadow[name])
-        meta = json.loads((folder / CKPT_OPTIMIZER_JSON).read_text())
-        self.optimizer.load_state_dict(optimizer_state_from_files(load_file(folder / CKPT_OPTIMIZER_TENSORS), meta))
-        self.lr_scheduler.load_state_dict(json.loads((folder / CKPT_SCHEDULER_JSON).read_text()))
-        if self._scaler() is not None and (folder / CKPT_SCALER_JSON).is_file():
-            self._scaler().load_state_dict(json.loads((folder / CKPT_SCALER_JSON).read_text()))

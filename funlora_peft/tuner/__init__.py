@@ -1,7 +1,8 @@
 """The FunLoRA tuner: the PEFT method, laid out as a PEFT tuner folder (`peft/tuners/<method>/`).
 
-`config.py` holds `FunLoRAConfig`, `functions.py` the function families raising the rank of F_y, `layer.py` the per-conv
-math and `model.py` the model-level injection and class routing. Importing this package registers FunLoRA with PEFT.
+`config.py` holds `FunLoRAConfig`, `functions.py` the function families raising the rank of F_y, `layer.py` the
+per-conv math and `model.py` the model-level injection and class routing. Importing this package registers FunLoRA
+with PEFT.
 
 `PeftType` is a closed enum, so `peft.register_peft_method` refuses a new name. PEFT looks every method up by
 `config.peft_type` in three module-level mappings, and a loaded config's `peft_type` is a plain string: writing the

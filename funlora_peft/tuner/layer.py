@@ -216,7 +216,9 @@ class _PerClassConv2d(torch.autograd.Function):
         need_x, need_weight, need_bias, need_scales = ctx.needs_input_grad[:4]
         stride, padding, dilation = ctx.conv_args
         grad_x, grad_scales = [], []
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        # Accumulate in at least fp32 (bf16 / fp16 weights), in the weights' own precision when it is higher.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
         for chunk, grad, scale in zip(x.split(ctx.counts), grad_out.split(ctx.counts), scales):
             scale = scale[:, :, None, None]
             class_weight = weight * scale.to(weight.dtype)
@@ -236,9 +238,9 @@ class _PerClassConv2d(torch.autograd.Function):
             if need_x:
                 grad_x.append(gx)
             if need_scales:
-                grad_scales.append((gw.float() * weight.float()).sum(dim=(-1, -2)))
+                grad_scales.append((gw.to(acc) * weight.to(acc)).sum(dim=(-1, -2)))
             if need_weight:
-                grad_weight += gw.float() * scale
+                grad_weight += gw.to(acc) * scale
         return (
             torch.cat(grad_x) if need_x else None,
             grad_weight.to(weight.dtype) if need_weight else None,
