@@ -189,7 +189,7 @@ def test_layer_ablation_script_compares_the_conv_sets(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     tiny = "--resolution 8 --block_out_channels 16,32 --class_order 0,1,2,3,4,5 --classes_per_task 2 "
     tiny += "--first_task_steps 4 --task_steps 5 --train_batch_size 8 --eval_samples_per_class 4 "
     tiny += "--num_inference_steps 2 --classifier_epochs 1 --importance_probe_steps 3"

@@ -29,7 +29,7 @@ from funlora_peft.continual.checkpoint import (
 from funlora_peft.continual.training import step_generator
 from funlora_peft.pipeline import FunLoRAPipeline, make_image_grid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
 
 TINY = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import load_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK_SCRIPT = ROOT / "examples" / "benchmark.py"
 
 TINY = [
