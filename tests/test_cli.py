@@ -1,37 +1,18 @@
-"""examples/sample.py, and the shell commands of README.md and examples/README.md run as written.
+"""The `funlora` command: `funlora sample` (grids from a run folder or the Hub) and `funlora download`."""
 
-Rule for the commands: every ```bash block of the two READMEs is preceded by an HTML comment saying what the tests do
-with it: `<!-- test: run -->` (the test below runs the block, as written, with bash, in a fresh folder holding the
-repository's `examples/`, one block after the other, so a later block can use what an earlier one wrote), or
-`<!-- test: skip, REASON -->` (too slow, or needs the network, a GPU or a Hub token). A block without either fails the
-test, so a new command is never silently left untested.
-"""
-
-from __future__ import annotations
-
-import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import load_example
+from conftest import REPO, load_pipeline
 from PIL import Image
-from test_hub import REPO, hub, run_source  # noqa: F401  (fixtures: a fake Hub holding a pushed 3-task run)
-from test_pipeline import make_run
 
 from funlora_peft import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
-MARKER = re.compile(r"<!-- test: (run|skip, [^>]+?) -->\n```bash\n(.*?)\n```", re.S)
-
-
-def load_script(path: Path):
-    return load_example(path.stem)
+from funlora_peft.continual.evaluation import class_seed
 
 
 def grid_size(rows: int, cols: int, side: int = 8, scale: int = 4) -> tuple[int, int]:
@@ -42,13 +23,6 @@ def grid_size(rows: int, cols: int, side: int = 8, scale: int = 4) -> tuple[int,
 # --------------------------------------------------------------------------------------------------------------------
 # funlora sample
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    make_run(folder)  # tasks task_0 [0, 1], task_2 [2, 3], task_2 [4]; 8x8 images
-    return folder
 
 
 def sample(*argv):
@@ -117,76 +91,64 @@ def test_sample_bad_input_exits_with_a_clear_message(run_folder, tmp_path, argv,
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def documented_blocks() -> list[tuple[str, str, str]]:
-    """(file, marker, commands) of every marked ```bash block, in order; fails on an unmarked one."""
-    blocks = []
-    for doc in DOCS:
-        text = doc.read_text()
-        unmarked = len(re.findall(r"```bash\n", text)) - len(MARKER.findall(text))
-        assert unmarked == 0, f"{doc.relative_to(ROOT)}: {unmarked} ```bash block(s) without a test marker"
-        blocks += [(str(doc.relative_to(ROOT)), marker, commands) for marker, commands in MARKER.findall(text)]
-    return blocks
+def test_cli_sample_from_the_hub_loads_only_the_owning_tasks(hub, run_folder, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    argv = ["sample", REPO, "--classes", "4,0", "--num_samples", "3", "--num_inference_steps", "2", "--seed", "5"]
+    assert cli.main(argv + ["--scale", "1", "--output", str(out), "--cache_dir", str(hub.cache_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: classes [4, 0], 3 samples each")
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # one row per class, 3 columns, 1-pixel white padding
+    requested = hub.requested_files()
+    assert not any(path.startswith("task_1/") for path in requested)
+    assert {p.split("/")[0] for p in requested if p.startswith("task_")} == {"task_0", "task_2"}
+    # each row holds the pipeline's samples of that class, drawn with the class's own generator
+    local = load_pipeline(run_folder)
+    for row, class_id in enumerate([4, 0]):
+        generator = torch.Generator().manual_seed(class_seed(5, class_id))
+        images = local(class_labels=[class_id] * 3, num_inference_steps=2, generator=generator).images
+        for column, image in enumerate(images):
+            top, left = 1 + 9 * row, 1 + 9 * column
+            np.testing.assert_array_equal(grid[top : top + 8, left : left + 8], np.asarray(image))
+    # a run folder works the same way
+    local_out = tmp_path / "local.png"
+    argv[1] = str(run_folder)
+    assert cli.main(argv + ["--scale", "1", "--output", str(local_out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(local_out)), grid)
 
 
-def test_every_documented_command_is_marked():
-    blocks = documented_blocks()
-    assert {name for name, _, _ in blocks} == {str(doc.relative_to(ROOT)) for doc in DOCS}
-    assert any(marker == "run" for _, marker, _ in blocks)
+def test_cli_download_fetches_only_the_named_tasks(hub, tmp_path, capsys):
+    argv = ["download", REPO, "--tasks", "task_0,task_2", "--cache_dir", str(hub.cache_dir)]
+    assert cli.main(argv + ["--revision", hub.pushed[-1].oid]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert sorted(p.name for p in folder.iterdir()) == ["backbone", "funlora.json", "task_0", "task_2"]
+    assert not any(path.startswith("task_1/") for path in hub.requested_files())
+    local_dir = tmp_path / "here"
+    assert cli.main(argv + ["--local_dir", str(local_dir)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == local_dir.resolve()
+    assert (local_dir / "task_2" / "adapter_model.safetensors").is_file() and not (local_dir / "task_1").exists()
 
 
-def documented_commands() -> list[tuple[str, list[str]]]:
-    """(file, argv) of every command of every marked block: continuation lines joined, comments dropped, `&&` split."""
-    commands = []
-    for name, _, block in documented_blocks():
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                argv = shlex.split(part, comments=True)
-                if argv:
-                    commands.append((name, argv))
-    return commands
-
-
-def test_every_documented_script_command_parses():
-    """The slow commands are not run, but their flags must exist: each is parsed by its script's own parser."""
-    parsed = set()
-    for name, argv in documented_commands():
-        scripts = [i for i, token in enumerate(argv) if re.fullmatch(r"examples/\w+\.py", token)]
-        if scripts and "cuda" in argv and not torch.cuda.is_available():
-            continue  # a GPU command: its parser checks that the device exists
-        if scripts:
-            script = argv[scripts[0]]
-            module = load_script(ROOT / script)
-            try:
-                module.parse_args(argv[scripts[0] + 1 :])
-            except SystemExit as error:
-                raise AssertionError(f"{name}: {' '.join(argv)} does not parse ({error})") from None
-            parsed.add(script)
-        elif argv[0] == "funlora":
-            cli.build_parser().parse_args(argv[1:])
-            parsed.add("funlora")
-    assert {"examples/train.py", "examples/benchmark_adapter.py", "funlora"} <= parsed
-
-
-@pytest.mark.slow
-def test_documented_fast_commands_run_as_written(tmp_path):
-    (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
-    bin_dir = str(Path(sys.executable).parent)  # `python`, `accelerate` and `funlora` of this environment
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    ran = 0
-    for name, marker, commands in documented_blocks():
-        if marker != "run":
-            continue
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", commands],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, f"{name}:\n{commands}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        ran += 1
-    assert ran >= 1
-    pictures = sorted(tmp_path.rglob("*.png"))
-    assert pictures, "the documented fast commands write sample grids"
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["sample", "RUN", "--classes", "3,x", "--out", "g.png"], "argument --classes: expected comma-separated"),
+        (
+            ["sample", "RUN", "--classes", "9", "--out", "g.png"],
+            r"--classes \[9\] belong to no task.*\[0, 1, 2, 3, 4\]",
+        ),
+        (["sample", "RUN", "--classes", "3", "--out", "g.jpg"], "--output must name a .png file"),
+        (["sample", "RUN", "--classes", "3", "-n", "0", "--out", "g.png"], "argument -n: expected a positive integer"),
+        (["sample", "RUN", "--classes", "3", "--tasks", "task_9", "--out", "g.png"], r"`tasks` names \['task_9'\]"),
+        (["sample", "RUN", "--classes", "3"], "--output is required"),
+        (["download", "someone/missing", "--tasks", "task_0"], "Could not get funlora.json of 'someone/missing'"),
+        (["download", REPO, "--tasks", ","], "argument --tasks: expected comma-separated task names"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_exits_with_a_clear_message(hub, run_folder, tmp_path, capsys, argv, match):
+    argv = [str(run_folder) if a == "RUN" else str(tmp_path / a) if a.startswith("g.") else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--cache_dir", str(hub.cache_dir)] if argv[0] != "frobnicate" else argv)
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "g.png").exists()

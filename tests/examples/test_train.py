@@ -13,48 +13,24 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
-from conftest import load_example
+from conftest import EXAMPLES, ROOT, TINY_TRAIN_ARGS, load_example, load_pipeline, sample_images
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from funlora_peft.continual.checkpoint import (
-    CheckpointError,
-    TrainingState,
-    list_checkpoints,
-    read_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from funlora_peft.continual.training import step_generator
-from funlora_peft.pipeline import FunLoRAPipeline, make_image_grid
+from funlora_peft.continual.checkpoint import list_checkpoints
+from funlora_peft.pipeline import FunLoRAPipeline
 
-ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = ROOT / "examples" / "train.py"
-
-TINY = [
-    "--resolution", "8",
-    "--block_out_channels", "16,32",
-    "--norm_num_groups", "8",
-    "--class_order", "0,1,2,3",
-    "--classes_per_task", "2",
-    "--first_task_steps", "4",
-    "--task_steps", "6",
-    "--train_batch_size", "8",
-    "--checkpointing_steps", "3",
-    "--eval_samples_per_class", "4",
-    "--grid_samples_per_class", "3",
-    "--num_inference_steps", "2",
-    "--classifier_epochs", "1",
-    "--num_threads", "1",
-]  # fmt: skip
-# Global steps: task 0 is steps 1-4, task 1 steps 5-10; checkpoints at 3, 4 (end of task 0), 6, 9 and 10.
+TRAIN_SCRIPT = EXAMPLES / "train.py"
 
 
 def launch(output_dir, *extra, launcher=("--num_processes", "1", "--cpu"), timeout=600):
-    """Run `accelerate launch [launcher] examples/train.py TINY --output_dir output_dir extra`."""
+    """Run `accelerate launch [launcher] examples/train.py TINY_TRAIN_ARGS --output_dir output_dir extra`."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1", *launcher]
-    command += [str(TRAIN_SCRIPT), *TINY, "--output_dir", str(output_dir), *extra]
+    command += [str(TRAIN_SCRIPT), *TINY_TRAIN_ARGS, "--output_dir", str(output_dir), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -253,68 +229,6 @@ def test_resume_after_a_kill_while_a_task_was_written(tiny_run, tmp_path):
         assert torch.equal(resumed[key], value), key
 
 
-def test_step_generator_depends_only_on_its_key():
-    draw = lambda *key: torch.randn(4, generator=step_generator(*key))  # noqa: E731
-    assert torch.equal(draw(0, 1, 2), draw(0, 1, 2))
-    assert not torch.equal(draw(0, 1, 2), draw(0, 2, 1))
-    assert not torch.equal(draw(0, 1, 2), draw(1, 1, 2))
-
-
-class FakeCheckpointer:
-    """Writes a few files like `Checkpointer.save_state`; `fail_after` simulates a kill in the middle of the save."""
-
-    is_main_process = True
-
-    def __init__(self, fail_after=None):
-        self.fail_after = fail_after
-
-    def save_state(self, folder):
-        for i, name in enumerate(["adapter_model.safetensors", "optimizer.safetensors", "scheduler.json"]):
-            if self.fail_after is not None and i >= self.fail_after:
-                raise KeyboardInterrupt("killed while saving")
-            Path(folder, name).write_bytes(os.urandom(64))
-
-
-def test_checkpoints_are_atomic_and_checked(tmp_path):
-    key = {"seed": 0, "tasks": [[0, 1], [2, 3]]}
-    save_checkpoint(FakeCheckpointer(), tmp_path, TrainingState(task=0, task_step=3, global_step=3, run_key=key))
-    with pytest.raises(KeyboardInterrupt):
-        state = TrainingState(task=1, task_step=2, global_step=6, run_key=key)
-        save_checkpoint(FakeCheckpointer(fail_after=2), tmp_path, state)
-    # The kill left a hidden temporary folder, never a checkpoint-6 that would load wrong.
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
-    latest = resolve_checkpoint(tmp_path, "latest")
-    assert latest.name == "checkpoint-3"
-    assert read_checkpoint(latest, key).global_step == 3
-
-    with pytest.raises(CheckpointError, match="belongs to a different run.*seed: 0 in the checkpoint, 1 now"):
-        read_checkpoint(latest, {**key, "seed": 1})
-    optimizer = latest / "optimizer.safetensors"
-    optimizer.write_bytes(optimizer.read_bytes()[:-1] + b"x")
-    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match the sha256"):
-        read_checkpoint(latest, key)
-    (latest / "training_state.json").unlink()
-    with pytest.raises(CheckpointError, match="is not a training checkpoint: it has no training_state.json"):
-        read_checkpoint(latest, key)
-    with pytest.raises(CheckpointError, match="is no checkpoint folder"):
-        resolve_checkpoint(tmp_path, "checkpoint-99")
-
-    # Pruning keeps the newest ones.
-    for step in (9, 12):
-        save_checkpoint(
-            FakeCheckpointer(), tmp_path, TrainingState(task=1, task_step=step, global_step=step, run_key=key), 2
-        )
-    assert [step for step, _ in list_checkpoints(tmp_path)] == [9, 12]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
-def test_image_grid_has_one_row_per_class():
-    images = torch.rand(3 * 4, 1, 8, 8)
-    grid = make_image_grid(images, rows=3, padding=1, scale=2)
-    assert grid.size == ((4 * 9 + 1) * 2, (3 * 9 + 1) * 2) and grid.mode == "L"
-    assert make_image_grid(torch.rand(2, 3, 8, 8), rows=2).mode == "RGB"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any training step, nothing written
 
@@ -326,7 +240,7 @@ def train_module():
 
 def run_main(train_module, *argv):
     """`main(parse_args(argv))` in this process; returns the SystemExit message."""
-    args = train_module.parse_args([*TINY, "--report_to", "none", *argv])
+    args = train_module.parse_args([*TINY_TRAIN_ARGS, "--report_to", "none", *argv])
     with pytest.raises(SystemExit) as info:
         train_module.main(args)
     return str(info.value.code)
@@ -432,3 +346,107 @@ def test_cli_error_exit(tmp_path):
     assert "train.py: error: classes_per_task=3 does not divide the 10 classes" in result.stderr
     assert f'File "{TRAIN_SCRIPT}"' not in result.stderr  # one line, no traceback through the script
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --push_to_hub and --select_layers
+
+
+@pytest.fixture(scope="module")
+def pushed_training_run(tmp_path_factory):
+    """`examples/train.py --push_to_hub` (tiny, 2 tasks, --select_layers top_k=3), run in this process with the fake
+    Hub standing in for `huggingface_hub.HfApi`; built once for the tests below."""
+    train = load_example("train")
+    root = tmp_path_factory.mktemp("train-push")
+    fake = FakeHub(root / "cache")
+    tokens = []
+
+    def hf_api(token=None, **kwargs):
+        tokens.append(token)
+        return fake
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub, "HfApi", hf_api)
+        argv = [*TINY_TRAIN_ARGS, "--report_to", "none", "--output_dir", str(root / "run")]
+        argv += ["--select_layers", "top_k=3"]
+        argv += ["--push_to_hub", "--hub_model_id", "someone/trained", "--hub_token", "hf_fake", "--hub_private_repo"]
+        train.main(train.parse_args(argv))
+    return SimpleNamespace(hub=fake, folder=root / "run", tokens=tokens)
+
+
+def test_train_script_pushes_one_commit_per_task_from_the_run_folder(pushed_training_run):
+    hub, folder = pushed_training_run.hub, pushed_training_run.folder
+    assert pushed_training_run.tokens == ["hf_fake", "hf_fake"] and hub.repos["someone/trained"]["private"] is True
+    assert [c.commit_message for c in hub.commits] == [
+        "Upload task_0 (classes [0, 1]) and backbone",
+        "Upload task_1 (classes [2, 3])",
+    ]
+    assert [any(p.startswith("backbone/") for p in ops) for ops in hub.operations] == [True, False]
+    # the layer selection travels with the tasks it concerns
+    assert "importance.json" not in hub.operations[0] and {"importance.json", "importance.png"} <= set(
+        hub.operations[1]
+    )
+    final = hub.tree("someone/trained")
+    for path, data in final.items():
+        if path not in ("README.md", "funlora.json"):
+            assert data == (folder / path).read_bytes(), path
+    assert json.loads(final["funlora.json"]) == json.loads((folder / "funlora.json").read_text())
+    card = ModelCard(final["README.md"].decode())
+    assert card.data.library_name == "funlora-peft"
+    assert "## Layer importance" in card.text and "![layer importance](importance.png)" in card.text
+    assert "| `task_1` |" in card.text and "![samples](samples/after_task_1.png)" in card.text
+
+
+def test_train_script_push_loads_back_from_the_hub_with_the_same_samples(pushed_training_run, monkeypatch):
+    hub = pushed_training_run.hub
+    hub.install(monkeypatch)
+    pipe = load_pipeline("someone/trained", tasks=["task_1"], cache_dir=hub.cache_dir)
+    assert pipe.class_ids == [2, 3]
+    assert not any(path.startswith("task_0/") for path in hub.requested_files())
+    local = load_pipeline(pushed_training_run.folder)
+    assert torch.equal(sample_images(pipe, [3, 2, 3]), sample_images(local, [3, 2, 3]))
+
+
+def test_train_script_select_layers_adapts_only_the_chosen_convs_after_task_0(pushed_training_run):
+    folder = pushed_training_run.folder
+    importance = json.loads((folder / "importance.json").read_text())
+    assert importance["source"] == "probe" and importance["select_layers"] == "top_k=3"
+    scores, selected = importance["scores"], importance["selected"]
+    assert len(selected) == 3 and len(scores) > 10
+    assert selected == [n for n in scores if n in selected]  # U-Net order
+    assert min(abs(scores[n]) for n in selected) >= max(abs(v) for n, v in scores.items() if n not in selected)
+    from safetensors.torch import load_file
+
+    def adapted(task):
+        keys = load_file(folder / task / "adapter_model.safetensors")
+        return {k.split(".funlora_")[0].removeprefix("base_model.model.") for k in keys}
+
+    assert adapted("task_1") == set(selected)
+    assert adapted("task_0") == set(scores)  # task 0 adapts every conv
+    assert json.loads((folder / "task_1" / "adapter_config.json").read_text())["target_modules"] == selected
+    metrics = json.loads((folder / "metrics.json").read_text())
+    per_class = [row["extra_parameters_per_class"] for row in metrics["tasks"]]
+    assert per_class[1] < per_class[0] / 5
+    assert (folder / "importance.png").stat().st_size > 5000
+
+
+def test_train_script_resumes_a_selected_run_with_the_same_selection(pushed_training_run, tmp_path):
+    train = load_example("train")
+    out = tmp_path / "run"
+    argv = [*TINY_TRAIN_ARGS, "--report_to", "none", "--output_dir", str(out), "--select_layers", "top_k=3"]
+    train.main(train.parse_args([*argv, "--interrupt_after_steps", "8"]))  # stopped in task 1 (checkpoint-6)
+    assert (out / "importance.json").is_file() and not (out / "task_1").exists()
+    saved = (out / "importance.json").read_bytes()
+    moved = tmp_path / "importance.json"
+    (out / "importance.json").rename(moved)
+    with pytest.raises(SystemExit, match=r"importance.json is missing: the layers of tasks 1, 2, \.\.\. were chosen"):
+        train.main(train.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    moved.rename(out / "importance.json")
+    train.main(train.parse_args([*argv, "--resume_from_checkpoint", "latest"]))
+    assert (out / "importance.json").read_bytes() == saved
+    from safetensors.torch import load_file
+
+    for task in ("task_0", "task_1"):
+        resumed = load_file(out / task / "adapter_model.safetensors")
+        reference = load_file(pushed_training_run.folder / task / "adapter_model.safetensors")
+        assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
