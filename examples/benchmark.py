@@ -62,22 +62,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import protocol_args
 import torch
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model
-from protocol_args import (
-    add_data_arguments,
-    add_evaluation_arguments,
-    add_unet_arguments,
-    check_at_least,
-    check_evaluation_arguments,
-    int_list,
-    load_protocol,
-    script_error,
-    unet_config_from_args,
-)
 
+from funlora_peft.continual import training
 from funlora_peft.continual.evaluation import (
     ContinualEvaluator,
     ContinualMetrics,
@@ -87,14 +78,6 @@ from funlora_peft.continual.evaluation import (
 )
 from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
 from funlora_peft.continual.tasks import task_dataset
-from funlora_peft.continual.training import (
-    adapter_parameter_count,
-    draw_training_batch,
-    optimizer_groups,
-    set_trainable,
-    step_generator,
-    task_adapter_config,
-)
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
 from funlora_peft.run_folder import task_name
 
@@ -167,8 +150,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "in this process (then the peak memory is this process's peak so far).",
     )
     parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads per job.")
-    add_data_arguments(parser, resolution=8)
-    add_unet_arguments(parser, block_out_channels="32,64")
+    protocol_args.add_data_arguments(parser, resolution=8)
+    protocol_args.add_unet_arguments(parser, block_out_channels="32,64")
     # Budget, shared by every method
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
     parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
@@ -188,7 +171,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "images, so that the replay pool is class-balanced).",
     )
     parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
-    add_evaluation_arguments(parser, eval_samples_per_class=40)
+    protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=40)
     args = parser.parse_args(input_args)
     if args.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
@@ -221,17 +204,17 @@ def selected_methods(args: argparse.Namespace) -> tuple[list[Method], list[str]]
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work, naming the flag, its value and the fix."""
-    check_at_least(
+    protocol_args.check_at_least(
         args, 1, "resolution", "classes_per_task", "train_batch_size", "first_task_steps", "task_steps", "num_threads"
     )
-    check_at_least(args, 1, "top_k", "replay_samples_per_class")
-    check_at_least(args, 0, "num_workers", "lr_warmup_steps")
-    check_evaluation_arguments(args)
-    seeds = int_list("--seeds", args.seeds, "0,1,2")
+    protocol_args.check_at_least(args, 1, "top_k", "replay_samples_per_class")
+    protocol_args.check_at_least(args, 0, "num_workers", "lr_warmup_steps")
+    protocol_args.check_evaluation_arguments(args)
+    seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds={args.seeds!r} must list distinct non-negative integers, e.g. 0,1,2.")
     if args.resolution is not None:
-        unet_config_from_args(args, 1, args.resolution)
+        protocol_args.unet_config_from_args(args, 1, args.resolution)
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder.")
     selected_methods(args)
@@ -239,7 +222,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_data(args: argparse.Namespace):
     """The data and the task layout (sorted or explicit class order; a shuffled one is drawn with seed 0)."""
-    data, tasks = load_protocol(args, layout_seed=0)
+    data, tasks = protocol_args.load_protocol(args, layout_seed=0)
     if len(tasks) < 2:
         raise ValueError(
             f"--classes_per_task={args.classes_per_task} leaves a single task for the {data.num_classes} classes of "
@@ -325,7 +308,7 @@ class FunLoRALearner(Learner):
         self.model.to(device)
 
     def adapter_config(self, task: int):
-        return task_adapter_config(
+        return training.task_adapter_config(
             self.tasks[task],
             task,
             self.seed,
@@ -338,9 +321,9 @@ class FunLoRALearner(Learner):
         if task_name(task) not in self.model.peft_config:
             self.model.add_adapter(task_name(task), self.adapter_config(task))
             self.model.to(self.device)
-        set_trainable(self.model, task)
+        training.set_trainable(self.model, task)
         self.model.train()
-        return optimizer_groups(
+        return training.optimizer_groups(
             self.model,
             task,
             learning_rate=self.args.learning_rate,
@@ -364,7 +347,9 @@ class FunLoRALearner(Learner):
             tuner.unmerge_adapter()
 
     def extra_parameters_per_class(self) -> float:
-        counts = [adapter_parameter_count(self.model, task_name(k)) / len(c) for k, c in enumerate(self.tasks) if k]
+        counts = [
+            training.adapter_parameter_count(self.model, task_name(k)) / len(c) for k, c in enumerate(self.tasks) if k
+        ]
         return sum(counts) / len(counts)
 
 
@@ -476,7 +461,9 @@ def train_steps(learner: Learner, groups: list[dict], images, labels, num_steps:
     started = time.perf_counter()
     for step in range(num_steps):
         # The same (seed, task, step) draws the same batch indices, noise and times for every method.
-        batch = draw_training_batch(images, labels, args.train_batch_size, step_generator(seed, task, step))
+        batch = training.draw_training_batch(
+            images, labels, args.train_batch_size, training.step_generator(seed, task, step)
+        )
         loss = learner.loss(
             batch.x_t.to(device), batch.t.to(device), batch.velocity.to(device), batch.class_labels.to(device)
         )
@@ -562,7 +549,7 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
     data, tasks = load_data(args)
     num_labels = len(data.class_names)
     evaluator = make_evaluator(args, data, tasks, seed, classifier_state)
-    config = unet_config_from_args(args, data.num_channels, data.resolution)
+    config = protocol_args.unet_config_from_args(args, data.num_channels, data.resolution)
     learner = make_learner(method, args, config, tasks, seed, device, num_labels)
     sample_fn = sample_fn_of(learner, data)
 
@@ -679,7 +666,7 @@ def _pm(entry: dict | None, digits: int = 3) -> str:
 
 
 def results_table(args, methods: list[Method], summaries: dict, info: dict, notes: list[str]) -> str:
-    seeds = int_list("--seeds", args.seeds, "0,1,2")
+    seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     lines = [
         f"Class-incremental {info['dataset']} at {args.resolution}x{args.resolution}: {info['num_tasks']} tasks "
         f"({info['task_layout']}); UNet2DModel block_out_channels ({args.block_out_channels}), layers_per_block "
@@ -764,9 +751,9 @@ def main(args: argparse.Namespace) -> dict:
         methods, notes = selected_methods(args)
         data, tasks = load_data(args)
     except (ValueError, TypeError) as error:
-        raise script_error("benchmark.py", error) from None
+        raise protocol_args.script_error("benchmark.py", error) from None
     torch.set_num_threads(args.num_threads)
-    seeds = int_list("--seeds", args.seeds, "0,1,2")
+    seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

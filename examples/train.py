@@ -44,28 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import protocol_args
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from peft import get_peft_model
-from protocol_args import (
-    add_data_arguments,
-    add_evaluation_arguments,
-    add_unet_arguments,
-    check_at_least,
-    check_evaluation_arguments,
-    load_protocol,
-    script_error,
-    unet_config_from_args,
-)
 from tqdm.auto import tqdm
 
 import funlora_peft
 from funlora_peft import FunLoRAConfig, FunLoRAPipeline, push_to_hub, write_model_card
+from funlora_peft.continual import training
 from funlora_peft.continual.checkpoint import (
     CHECKPOINT_FILES,
     Checkpointer,
@@ -86,15 +78,6 @@ from funlora_peft.continual.importance import (
     probe_layer_importance,
 )
 from funlora_peft.continual.tasks import task_dataset
-from funlora_peft.continual.training import (
-    adapter_parameter_count,
-    draw_training_batch,
-    optimizer_groups,
-    set_trainable,
-    step_generator,
-    task_adapter_config,
-    trainable_parameter_names,
-)
 from funlora_peft.flow_matching import TIME_DISTRIBUTIONS, flow_matching_loss, t_to_model_timestep
 from funlora_peft.pipeline import default_grid_scale, make_image_grid, pipeline_sample_fn
 from funlora_peft.run_folder import (
@@ -122,8 +105,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         description="Class-incremental training of a flow-matching UNet2DModel with FunLoRA adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_data_arguments(parser, resolution=16)
-    add_unet_arguments(parser, block_out_channels="32,64,64")
+    protocol_args.add_data_arguments(parser, resolution=16)
+    protocol_args.add_unet_arguments(parser, block_out_channels="32,64,64")
     funlora = parser.add_argument_group("FunLoRA")
     funlora.add_argument(
         "--function",
@@ -162,14 +145,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     funlora.add_argument(
         "--importance_probe_steps", type=int, default=50, help="Optimisation steps of the probe (--importance_source)."
     )
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
-    training.add_argument(
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--output_dir", type=str, default="runs/digits", help="The run folder to write.")
+    fit.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="Start a fresh run even if --output_dir holds a previous run's outputs (they are deleted).",
     )
-    training.add_argument(
+    fit.add_argument(
         "--start_from_run",
         type=str,
         default=None,
@@ -177,55 +160,52 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "them, and train tasks 1, 2, ... here with this command's flags: several recipes for the later tasks from "
         "one task 0.",
     )
-    training.add_argument(
-        "--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation."
-    )
-    training.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
-    training.add_argument(
+    fit.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation.")
+    fit.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
+    fit.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimisation step."
     )
-    training.add_argument("--first_task_steps", type=int, default=300, help="Optimisation steps of task 0.")
-    training.add_argument("--task_steps", type=int, default=100, help="Optimisation steps of every later task.")
-    training.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the backbone (task 0).")
-    training.add_argument(
+    fit.add_argument("--first_task_steps", type=int, default=300, help="Optimisation steps of task 0.")
+    fit.add_argument("--task_steps", type=int, default=100, help="Optimisation steps of every later task.")
+    fit.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of the backbone (task 0).")
+    fit.add_argument(
         "--adapter_learning_rate", type=float, default=1e-1, help="Learning rate of the FunLoRA adapters."
     )
-    training.add_argument(
+    fit.add_argument(
         "--lr_scheduler",
-        type=str,
         default="cosine",
-        help='Scheduler of every task: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or '
-        '"constant_with_warmup".',
+        choices=[kind.value for kind in SchedulerType if kind.value != "piecewise_constant"],
+        help="Learning-rate schedule of every task (diffusers' get_scheduler).",
     )
-    training.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
-    training.add_argument(
+    fit.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
+    fit.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    fit.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    fit.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    fit.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    fit.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables it).")
+    fit.add_argument(
         "--time_distribution",
         type=str,
         default="uniform",
         choices=list(TIME_DISTRIBUTIONS),
         help="Distribution of the flow time t during training.",
     )
-    training.add_argument("--logit_mean", type=float, default=0.0, help="Mean for --time_distribution logit_normal.")
-    training.add_argument("--logit_std", type=float, default=1.0, help="Std for --time_distribution logit_normal.")
-    training.add_argument(
+    fit.add_argument("--logit_mean", type=float, default=0.0, help="Mean for --time_distribution logit_normal.")
+    fit.add_argument("--logit_std", type=float, default=1.0, help="Std for --time_distribution logit_normal.")
+    fit.add_argument(
         "--use_ema", action="store_true", help="Keep an EMA of the trained weights; the EMA weights are saved."
     )
-    training.add_argument("--ema_max_decay", type=float, default=0.999, help="Maximum EMA decay.")
-    training.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
-    training.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
-    training.add_argument(
+    fit.add_argument("--ema_max_decay", type=float, default=0.999, help="Maximum EMA decay.")
+    fit.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
+    fit.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
+    fit.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Mixed precision; default: the value of `accelerate config` / `accelerate launch`.",
     )
-    training.add_argument(
+    fit.add_argument(
         "--num_threads",
         type=int,
         default=None,
@@ -257,7 +237,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Testing aid: stop the process right after this many optimisation steps over all tasks, leaving the "
         "run unfinished as if it had been killed; continue it with --resume_from_checkpoint latest.",
     )
-    add_evaluation_arguments(parser, eval_samples_per_class=100)
+    protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=100)
     logs = parser.add_argument_group("logging and the Hub")
     logs.add_argument("--grid_samples_per_class", type=int, default=10, help="Columns of the sample grids.")
     logs.add_argument(
@@ -285,7 +265,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work, naming the flag and the fix."""
-    check_at_least(
+    protocol_args.check_at_least(
         args,
         1,
         "resolution",
@@ -299,10 +279,10 @@ def check_args(args: argparse.Namespace) -> None:
         "num_functions",
         "importance_probe_steps",
     )
-    check_evaluation_arguments(args)
+    protocol_args.check_evaluation_arguments(args)
     funlora_peft.get_function(args.function)
     if args.resolution is not None:
-        unet_config_from_args(args, 1, args.resolution)
+        protocol_args.unet_config_from_args(args, 1, args.resolution)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ValueError(f"--report_to={args.report_to!r} must be 'tensorboard', 'wandb', 'all' or 'none'.")
     if args.select_layers is not None:
@@ -325,7 +305,7 @@ def adapter_config(
         target_modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
     if task > 0 and selected is not None:
         target_modules = list(selected)
-    return task_adapter_config(
+    return training.task_adapter_config(
         class_ids,
         task,
         args.seed,
@@ -388,8 +368,8 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Load the data, cut the tasks, build the model and check the checkpoint, without writing anything."""
     check_args(args)
     output_dir = Path(args.output_dir)
-    data, tasks = load_protocol(args, layout_seed=args.seed)
-    config = unet_config_from_args(args, data.num_channels, data.resolution)
+    data, tasks = protocol_args.load_protocol(args, layout_seed=args.seed)
+    config = protocol_args.unet_config_from_args(args, data.num_channels, data.resolution)
     key = run_key(args, tasks, accelerator.num_processes, accelerator.mixed_precision)
 
     checkpoint = None
@@ -453,7 +433,7 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name=task_name(0))
         if "backbone.safetensors" not in start.files:
             raise CheckpointError(f"{checkpoint} is incomplete: a task-0 checkpoint holds backbone.safetensors.")
-    ema_names = trainable_parameter_names(model, start.task) if args.use_ema else []
+    ema_names = training.trainable_parameter_names(model, start.task) if args.use_ema else []
     check_checkpoint_tensors(checkpoint, model, task_name(start.task), start.task == 0, ema_names)
     return Run(
         data=data,
@@ -491,10 +471,10 @@ def train_task(
     if adapter_name not in model.peft_config:
         model.add_adapter(adapter_name, adapter_config(args, run.tasks[task], task, run.selected))
         model.to(device)
-    names = set_trainable(model, task)
+    names = training.set_trainable(model, task)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
-    groups = optimizer_groups(
+    groups = training.optimizer_groups(
         model, task, learning_rate=args.learning_rate, adapter_learning_rate=args.adapter_learning_rate
     )
     optimizer = torch.optim.AdamW(
@@ -547,11 +527,11 @@ def train_task(
     while task_step < num_steps:
         for micro_step in range(args.gradient_accumulation_steps):
             # The step's batch, noise and times depend on (seed, task, step) only: a resumed run replays them.
-            batch = draw_training_batch(
+            batch = training.draw_training_batch(
                 images,
                 labels,
                 global_batch,
-                step_generator(args.seed, task, task_step, micro_step),
+                training.step_generator(args.seed, task, task_step, micro_step),
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
                 time_distribution=args.time_distribution,
@@ -636,7 +616,7 @@ def write_task_outputs(
     pipe.set_progress_bar_config(disable=True)
     row, grid = evaluator.evaluate(pipeline_sample_fn(pipe, args.num_inference_steps), task)
     row.eval_seconds = round(time.perf_counter() - started, 2)
-    row.extra_parameters_per_class = adapter_parameter_count(model, adapter_name) // len(run.tasks[task])
+    row.extra_parameters_per_class = training.adapter_parameter_count(model, adapter_name) // len(run.tasks[task])
     if result is not None:
         row.train_steps = result.num_steps
         row.train_seconds = round(result.train_seconds, 2)
@@ -753,7 +733,7 @@ def main(args: argparse.Namespace) -> None:
         run = prepare_run(args, accelerator)
     except (ValueError, TypeError) as error:
         # Bad input: one clear line, before any training step and before anything was written.
-        raise script_error(SCRIPT, error) from None
+        raise protocol_args.script_error(SCRIPT, error) from None
     # Every process checks the output folder before the main process writes into it.
     accelerator.wait_for_everyone()
 

@@ -139,6 +139,25 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | os.PathLike, remedy: str = "") -> object:
+    """The JSON value stored in the file `path`; a ValueError naming the file (and `remedy`) when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}){'; ' + remedy if remedy else ''}.") from None
+
+
+def _read_record(path: Path, parse: Callable, remedy: str = ""):
+    """`parse(JSON of path)`, None when the file does not exist; a ValueError naming the file when it is malformed."""
+    if not path.is_file():
+        return None
+    data = read_json(path, remedy)
+    try:
+        return parse(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is malformed ({error}){'; ' + remedy if remedy else ''}.") from None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,10 +229,9 @@ def read_index(folder: str | os.PathLike) -> RunIndex:
             f"{path} not found: a FunLoRA run folder holds {INDEX_FILE}, {BACKBONE_SUBFOLDER}/ and one folder per "
             "task, as `funlora_peft.run_folder.save_run` writes it."
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}).") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is malformed: it holds {type(data).__name__}, not a JSON object.")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -380,17 +398,7 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, folder: str | os.Path
 
 def read_metrics(folder: str | os.PathLike) -> ContinualMetrics | None:
     """The run's `metrics.json`, or None when it has none."""
-    path = Path(folder) / METRICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}).") from None
-    try:
-        return ContinualMetrics.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} is malformed ({error}).") from None
+    return _read_record(Path(folder) / METRICS_FILE, ContinualMetrics.from_dict)
 
 
 def write_metrics(folder: str | os.PathLike, metrics: ContinualMetrics) -> Path:
@@ -400,17 +408,8 @@ def write_metrics(folder: str | os.PathLike, metrics: ContinualMetrics) -> Path:
 
 def read_importance(folder: str | os.PathLike) -> ImportanceRecord | None:
     """The run's `importance.json` (layer scores and the selected convs), or None when it has none."""
-    path = Path(folder) / IMPORTANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); delete it to select the layers again.") from None
-    try:
-        return ImportanceRecord.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} is malformed ({error}); delete it to select the layers again.") from None
+    remedy = "delete it to select the layers again"
+    return _read_record(Path(folder) / IMPORTANCE_FILE, ImportanceRecord.from_dict, remedy)
 
 
 def write_importance(folder: str | os.PathLike, importance: ImportanceRecord, plot=None) -> Path:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..run_folder import CHECKPOINT_PREFIX, sha256_of, write_folder_atomic
+from ..run_folder import CHECKPOINT_PREFIX, read_json, sha256_of, write_folder_atomic
 from ..tuner.model import FunLoRAModel, check_adapter_state_dict
 
 __all__ = [
@@ -168,9 +168,8 @@ def read_checkpoint(path: str | os.PathLike, run_key: dict, required_files: Sequ
             "folders a training run wrote."
         )
     try:
-        data = json.loads(state_path.read_text())
-        state = TrainingState(**data)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+        state = TrainingState(**read_json(state_path))
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{state_path} is corrupted ({err}); resume from another checkpoint.") from None
     if state.format_version != STATE_FORMAT_VERSION:
         raise CheckpointError(

@@ -663,176 +663,6 @@ def frechet_distance(
     return max(value, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling and one evaluation stage
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def class_seed(seed: int, class_id: int) -> int:
-    """Seed of the generator of class `class_id`: `seed * 100003 + class_id`."""
-    return seed * _CLASS_SEED_STRIDE + int(class_id)
-
-
-def generate_per_class(
-    sample_fn: SampleFn,
-    class_ids: Sequence[int],
-    samples_per_class: int,
-    *,
-    seed: int,
-    batch_size: int | None = None,
-    generator_device: str | torch.device = "cpu",
-) -> tuple[Tensor, Tensor]:
-    """Draw `samples_per_class` images of every class, each class with its own seeded generator.
-
-    Class `c` is sampled with `torch.Generator(generator_device).manual_seed(seed * 100003 + c)` in batches that
-    contain only class `c`, so its samples depend only on `(sample_fn, seed, c, samples_per_class, batch_size)`:
-    they are identical whether `c` is generated alone or with other classes, in any order, which makes the
-    evaluation of an old class comparable across tasks.
-
-    Args:
-        sample_fn: `sample_fn(class_label, num_samples, generator) -> (num_samples, channels, height, width)`.
-        class_ids: classes to sample, in output order.
-        samples_per_class: images per class.
-        seed: evaluation seed.
-        batch_size: at most this many images per `sample_fn` call (None: one call per class); drawing a class in
-            several calls consumes its generator in chunks, so changing it changes the samples.
-        generator_device: device of the generators (a CPU generator keeps samples identical across devices
-            when `sample_fn` draws its noise on CPU).
-
-    Returns:
-        `images` of shape `(len(class_ids) * samples_per_class, channels, height, width)` and `labels` of shape
-        `(len(class_ids) * samples_per_class,)`, grouped by class in the order of `class_ids`.
-
-    Example:
-        >>> def sample_fn(class_label, num_samples, generator):
-        ...     noise = torch.randn(num_samples, 1, 16, 16, generator=generator)
-        ...     return pipeline_sample(noise, class_label)  # any generator
-        >>> images, labels = generate_per_class(sample_fn, class_ids=[0, 1, 2], samples_per_class=100, seed=0)
-    """
-    class_ids = [int(c) for c in class_ids]
-    if len(set(class_ids)) != len(class_ids):
-        raise ValueError(f"`class_ids` must not repeat a class, got {class_ids}.")
-    if samples_per_class < 1:
-        raise ValueError(f"`samples_per_class` must be at least 1, got {samples_per_class}.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be at least 1 or None, got {batch_size}.")
-    chunk = samples_per_class if batch_size is None else batch_size
-    all_images, all_labels = [], []
-    for class_id in class_ids:
-        generator = torch.Generator(device=generator_device).manual_seed(class_seed(seed, class_id))
-        remaining = samples_per_class
-        while remaining > 0:
-            n = min(chunk, remaining)
-            images = sample_fn(class_id, n, generator)
-            if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != n:
-                shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-                raise ValueError(
-                    f"sample_fn({class_id}, {n}, generator) must return a tensor of shape ({n}, channels, height, "
-                    f"width), got {shape}."
-                )
-            all_images.append(images)
-            all_labels.append(torch.full((n,), class_id, dtype=torch.long, device=images.device))
-            remaining -= n
-    if not all_images:
-        raise ValueError("`class_ids` is empty; pass at least one class to sample.")
-    return torch.cat(all_images), torch.cat(all_labels)
-
-
-@dataclass
-class StageEvaluation:
-    """Metrics after training task `task_index` (tasks 0..task_index seen); accuracies are fractions."""
-
-    task_index: int = field(metadata={"help": "Index k of the last task trained."})
-    class_ids: list[int] = field(metadata={"help": "All classes of tasks 0..k."})
-    cas: float = field(metadata={"help": "CAS over all classes seen so far."})
-    cas_per_task: list[float] = field(metadata={"help": "CAS test accuracy of each task j <= k's classes."})
-    recognition: float = field(metadata={"help": "Recognition accuracy of all generated samples."})
-    recognition_per_task: list[float] = field(metadata={"help": "Recognition accuracy of task j <= k; a row."})
-    fd: float | None = field(default=None, metadata={"help": "FD of all seen classes (None if not computed)."})
-    fd_per_task: list[float] | None = field(default=None, metadata={"help": "FD restricted to each task j <= k."})
-
-
-def evaluate_stage(
-    classifier: nn.Module,
-    test_images: Tensor,
-    test_labels: Tensor,
-    tasks: Sequence[Sequence[int]],
-    generated_images: Tensor,
-    generated_labels: Tensor,
-    *,
-    num_classes: int,
-    compute_fd: bool = True,
-    seed: int = 0,
-    **cas_kwargs: Any,
-) -> StageEvaluation:
-    """Evaluate the generator after task `k = len(tasks) - 1` from its samples of the classes of tasks 0..k.
-
-    Computes CAS (a fresh classifier trained on the generated samples, tested on the real test images of the
-    seen classes), the recognition accuracy of the fixed real-data `classifier` on the generated samples
-    (overall and per task, i.e. row `k` of an `AccuracyMatrix`) and, with `compute_fd`, the Fréchet distance
-    to the real test images of the seen classes in `classifier`'s feature space (overall and per task).
-
-    Args:
-        classifier: the FIXED classifier trained once on all real training data (`train_classifier`).
-        test_images, test_labels: the REAL held-out test set (classes beyond tasks 0..k are ignored).
-        tasks: class ids of each task up to the current one, e.g. `[[0, 1], [2, 3]]` after task 1.
-        generated_images, generated_labels: samples of the classes of `tasks` (`generate_per_class`).
-        num_classes: size of the full label space.
-        compute_fd: whether to compute the Fréchet distances.
-        seed: seed of the CAS classifier.
-        cas_kwargs: epochs, steps, batch_size, lr, augment, device of `classification_accuracy_score`.
-
-    Example:
-        >>> matrix = AccuracyMatrix()
-        >>> for k in range(len(all_tasks)):
-        ...     # ... train task k ...
-        ...     seen = [c for task in all_tasks[: k + 1] for c in task]
-        ...     images, labels = generate_per_class(sample_fn, seen, samples_per_class=200, seed=0)
-        ...     stage = evaluate_stage(real_classifier, test_x, test_y, all_tasks[: k + 1], images, labels,
-        ...                            num_classes=10)
-        ...     matrix.append(stage.recognition_per_task)
-        >>> matrix.forgetting()
-    """
-    if len(tasks) == 0:
-        raise ValueError("`tasks` is empty; pass the class ids of tasks 0..k.")
-    class_ids = [int(c) for task in tasks for c in task]
-    if len(set(class_ids)) != len(class_ids):
-        raise ValueError(f"A class appears in more than one task: {[list(t) for t in tasks]}.")
-    _check_images_labels(generated_images, generated_labels, num_classes, what="generated")
-    gen_x, gen_y = _select_classes(generated_images, generated_labels, class_ids)
-    missing = sorted(set(class_ids) - set(gen_y.unique().tolist()))
-    if missing:
-        raise ValueError(f"No generated samples of classes {missing}; sample every class of `tasks`.")
-
-    cas = classification_accuracy_score(
-        gen_x, gen_y, test_images, test_labels, num_classes=num_classes, class_ids=class_ids, seed=seed, **cas_kwargs
-    )
-    predictions = predict(classifier, gen_x)
-    gen_y_cpu = gen_y.cpu().long()
-    recognition = (predictions == gen_y_cpu).double().mean().item()
-    recognition_per_task = _per_task_accuracy(predictions, gen_y_cpu, tasks)
-
-    fd = fd_per_task = None
-    if compute_fd:
-        real_x, real_y = _select_classes(test_images, test_labels, class_ids)
-        fd = frechet_distance(classifier, real_x, gen_x)
-        fd_per_task = []
-        for task in tasks:
-            task_real, _ = _select_classes(real_x, real_y, task)
-            task_gen, _ = _select_classes(gen_x, gen_y, task)
-            fd_per_task.append(frechet_distance(classifier, task_real, task_gen))
-    return StageEvaluation(
-        task_index=len(tasks) - 1,
-        class_ids=class_ids,
-        cas=cas.accuracy,
-        cas_per_task=cas.per_task_accuracy(tasks),
-        recognition=recognition,
-        recognition_per_task=recognition_per_task,
-        fd=fd,
-        fd_per_task=fd_per_task,
-    )
-
-
 def tensor_sha256(tensor: Tensor) -> str:
     """sha256 of a tensor's bytes (contiguous, on CPU): equal digests mean bit-identical tensors."""
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -966,6 +796,164 @@ class ContinualMetrics:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Sampling and one evaluation stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def class_seed(seed: int, class_id: int) -> int:
+    """Seed of the generator of class `class_id`: `seed * 100003 + class_id`."""
+    return seed * _CLASS_SEED_STRIDE + int(class_id)
+
+
+def generate_per_class(
+    sample_fn: SampleFn,
+    class_ids: Sequence[int],
+    samples_per_class: int,
+    *,
+    seed: int,
+    batch_size: int | None = None,
+    generator_device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Draw `samples_per_class` images of every class, each class with its own seeded generator.
+
+    Class `c` is sampled with `torch.Generator(generator_device).manual_seed(seed * 100003 + c)` in batches that
+    contain only class `c`, so its samples depend only on `(sample_fn, seed, c, samples_per_class, batch_size)`:
+    they are identical whether `c` is generated alone or with other classes, in any order, which makes the
+    evaluation of an old class comparable across tasks.
+
+    Args:
+        sample_fn: `sample_fn(class_label, num_samples, generator) -> (num_samples, channels, height, width)`.
+        class_ids: classes to sample, in output order.
+        samples_per_class: images per class.
+        seed: evaluation seed.
+        batch_size: at most this many images per `sample_fn` call (None: one call per class); drawing a class in
+            several calls consumes its generator in chunks, so changing it changes the samples.
+        generator_device: device of the generators (a CPU generator keeps samples identical across devices
+            when `sample_fn` draws its noise on CPU).
+
+    Returns:
+        `images` of shape `(len(class_ids) * samples_per_class, channels, height, width)` and `labels` of shape
+        `(len(class_ids) * samples_per_class,)`, grouped by class in the order of `class_ids`.
+
+    Example:
+        >>> def sample_fn(class_label, num_samples, generator):
+        ...     noise = torch.randn(num_samples, 1, 16, 16, generator=generator)
+        ...     return pipeline_sample(noise, class_label)  # any generator
+        >>> images, labels = generate_per_class(sample_fn, class_ids=[0, 1, 2], samples_per_class=100, seed=0)
+    """
+    class_ids = [int(c) for c in class_ids]
+    if len(set(class_ids)) != len(class_ids):
+        raise ValueError(f"`class_ids` must not repeat a class, got {class_ids}.")
+    if samples_per_class < 1:
+        raise ValueError(f"`samples_per_class` must be at least 1, got {samples_per_class}.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1 or None, got {batch_size}.")
+    chunk = samples_per_class if batch_size is None else batch_size
+    all_images, all_labels = [], []
+    for class_id in class_ids:
+        generator = torch.Generator(device=generator_device).manual_seed(class_seed(seed, class_id))
+        remaining = samples_per_class
+        while remaining > 0:
+            n = min(chunk, remaining)
+            images = sample_fn(class_id, n, generator)
+            if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] != n:
+                shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+                raise ValueError(
+                    f"sample_fn({class_id}, {n}, generator) must return a tensor of shape ({n}, channels, height, "
+                    f"width), got {shape}."
+                )
+            all_images.append(images)
+            all_labels.append(torch.full((n,), class_id, dtype=torch.long, device=images.device))
+            remaining -= n
+    if not all_images:
+        raise ValueError("`class_ids` is empty; pass at least one class to sample.")
+    return torch.cat(all_images), torch.cat(all_labels)
+
+
+def evaluate_stage(
+    classifier: nn.Module,
+    test_images: Tensor,
+    test_labels: Tensor,
+    tasks: Sequence[Sequence[int]],
+    generated_images: Tensor,
+    generated_labels: Tensor,
+    *,
+    num_classes: int,
+    compute_fd: bool = True,
+    seed: int = 0,
+    **cas_kwargs: Any,
+) -> TaskMetrics:
+    """Evaluate the generator after task `k = len(tasks) - 1` from its samples of the classes of tasks 0..k.
+
+    Computes CAS (a fresh classifier trained on the generated samples, tested on the real test images of the
+    seen classes), the recognition accuracy of the fixed real-data `classifier` on the generated samples
+    (overall and per task, i.e. row `k` of an `AccuracyMatrix`) and, with `compute_fd`, the Fréchet distance
+    to the real test images of the seen classes in `classifier`'s feature space (overall and per task).
+
+    Args:
+        classifier: the FIXED classifier trained once on all real training data (`train_classifier`).
+        test_images, test_labels: the REAL held-out test set (classes beyond tasks 0..k are ignored).
+        tasks: class ids of each task up to the current one, e.g. `[[0, 1], [2, 3]]` after task 1.
+        generated_images, generated_labels: samples of the classes of `tasks` (`generate_per_class`).
+        num_classes: size of the full label space.
+        compute_fd: whether to compute the Fréchet distances.
+        seed: seed of the CAS classifier.
+        cas_kwargs: epochs, steps, batch_size, lr, augment, device of `classification_accuracy_score`.
+
+    Example:
+        >>> matrix = AccuracyMatrix()
+        >>> for k in range(len(all_tasks)):
+        ...     # ... train task k ...
+        ...     seen = [c for task in all_tasks[: k + 1] for c in task]
+        ...     images, labels = generate_per_class(sample_fn, seen, samples_per_class=200, seed=0)
+        ...     stage = evaluate_stage(real_classifier, test_x, test_y, all_tasks[: k + 1], images, labels,
+        ...                            num_classes=10)
+        ...     matrix.append(stage.accuracy_per_task)
+        >>> matrix.forgetting()
+    """
+    if len(tasks) == 0:
+        raise ValueError("`tasks` is empty; pass the class ids of tasks 0..k.")
+    class_ids = [int(c) for task in tasks for c in task]
+    if len(set(class_ids)) != len(class_ids):
+        raise ValueError(f"A class appears in more than one task: {[list(t) for t in tasks]}.")
+    _check_images_labels(generated_images, generated_labels, num_classes, what="generated")
+    gen_x, gen_y = _select_classes(generated_images, generated_labels, class_ids)
+    missing = sorted(set(class_ids) - set(gen_y.unique().tolist()))
+    if missing:
+        raise ValueError(f"No generated samples of classes {missing}; sample every class of `tasks`.")
+
+    cas = classification_accuracy_score(
+        gen_x, gen_y, test_images, test_labels, num_classes=num_classes, class_ids=class_ids, seed=seed, **cas_kwargs
+    )
+    predictions = predict(classifier, gen_x)
+    gen_y_cpu = gen_y.cpu().long()
+    recognition = (predictions == gen_y_cpu).double().mean().item()
+    recognition_per_task = _per_task_accuracy(predictions, gen_y_cpu, tasks)
+
+    fd = fd_per_task = None
+    if compute_fd:
+        real_x, real_y = _select_classes(test_images, test_labels, class_ids)
+        fd = frechet_distance(classifier, real_x, gen_x)
+        fd_per_task = []
+        for task in tasks:
+            task_real, _ = _select_classes(real_x, real_y, task)
+            task_gen, _ = _select_classes(gen_x, gen_y, task)
+            fd_per_task.append(frechet_distance(classifier, task_real, task_gen))
+    return TaskMetrics(
+        task=len(tasks) - 1,
+        class_ids=[int(c) for c in tasks[-1]],
+        seen_class_ids=class_ids,
+        cas=cas.accuracy,
+        cas_per_task=cas.per_task_accuracy(tasks),
+        recognition=recognition,
+        accuracy_per_task=recognition_per_task,
+        fd=fd,
+        fd_per_task=fd_per_task,
+        samples_sha256={str(c): tensor_sha256(gen_x[gen_y == c]) for c in class_ids},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluating a run after each task
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1047,7 +1035,7 @@ class ContinualEvaluator:
         seen = [c for t in seen_tasks for c in t]
         images, labels = generate_per_class(sample_fn, seen, self.samples_per_class, seed=self.seed)
         images, labels = images.cpu(), labels.cpu()
-        stage = evaluate_stage(
+        row = evaluate_stage(
             self.classifier,
             self.data.test_images,
             self.data.test_labels,
@@ -1059,20 +1047,8 @@ class ContinualEvaluator:
             epochs=self.classifier_epochs,
             augment=self.classifier_augment,
         )
+        row.real_data_accuracy_seen = self.real_accuracy(seen)
+        row.eval_seconds = time.perf_counter() - started
         columns = min(self.grid_columns, self.samples_per_class)
         grid = torch.cat([images[labels == c][:columns] for c in seen])
-        row = TaskMetrics(
-            task=task,
-            class_ids=list(self.tasks[task]),
-            seen_class_ids=seen,
-            cas=stage.cas,
-            cas_per_task=stage.cas_per_task,
-            recognition=stage.recognition,
-            accuracy_per_task=stage.recognition_per_task,
-            fd=stage.fd,
-            fd_per_task=stage.fd_per_task,
-            real_data_accuracy_seen=self.real_accuracy(seen),
-            samples_sha256={str(c): tensor_sha256(images[labels == c]) for c in seen},
-            eval_seconds=time.perf_counter() - started,
-        )
         return row, (grid + 1) / 2

@@ -7,6 +7,7 @@ takes the images of some classes as a `TensorDataset` of `(image, label)`.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -115,14 +116,12 @@ def make_task_layout(
         order = [available[i] for i in np.random.default_rng(seed).permutation(len(available))]
     else:
         unknown = [class_id for class_id in order if class_id not in set(available)]
-        if unknown:
+        repeated = sorted(class_id for class_id, count in Counter(order).items() if count > 1)
+        if unknown or repeated:
+            problem = f"names class ids {unknown} that the data lacks" if unknown else f"lists class ids {repeated}"
             raise ValueError(
-                f"class_order names class ids {unknown} that the data lacks; available class ids: {available}."
-            )
-        duplicates = sorted({class_id for class_id in order if order.count(class_id) > 1})
-        if duplicates:
-            raise ValueError(
-                f"class_order lists class ids {duplicates} more than once; each class belongs to exactly one task."
+                f"class_order {problem}{'' if unknown else ' more than once'}; available class ids: {available}, "
+                "each in one task at most."
             )
         if not order:
             raise ValueError("class_order is empty; list at least one class id, or pass None or 'shuffle'.")
@@ -145,25 +144,24 @@ def make_task_layout(
 
 def _layout_error(num_classes: int, classes_per_task: int, first_task_classes: int | None) -> str:
     """The message for a layout that does not divide the classes, with the settings that would."""
-    if first_task_classes is None:
-        valid_sizes = [size for size in range(1, num_classes + 1) if num_classes % size == 0]
-        valid_firsts = [first for first in range(1, num_classes + 1) if (num_classes - first) % classes_per_task == 0]
-        return (
-            f"classes_per_task={classes_per_task} does not divide the {num_classes} classes into equal tasks. "
-            f"Valid classes_per_task: {valid_sizes}; or keep classes_per_task={classes_per_task} and set "
-            f"first_task_classes to one of {valid_firsts}."
-        )
-    rest = num_classes - first_task_classes
-    if rest < 0:
+    first = classes_per_task if first_task_classes is None else first_task_classes
+    if first > num_classes:
         return (
             f"first_task_classes={first_task_classes} exceeds the {num_classes} classes; pass at most "
             f"first_task_classes={num_classes}."
         )
+    # Tasks after the first cut the rest; without first_task_classes every task, the first included, has the size.
+    rest = num_classes if first_task_classes is None else num_classes - first
     valid_sizes = [size for size in range(1, rest + 1) if rest % size == 0]
     valid_firsts = [first for first in range(1, num_classes + 1) if (num_classes - first) % classes_per_task == 0]
+    problem = (
+        f"classes_per_task={classes_per_task} does not divide the {num_classes} classes into equal tasks"
+        if first_task_classes is None
+        else f"after first_task_classes={first_task_classes}, the remaining {rest} of {num_classes} classes cannot "
+        f"be cut into tasks of classes_per_task={classes_per_task}"
+    )
     return (
-        f"after first_task_classes={first_task_classes}, the remaining {rest} of {num_classes} classes cannot be cut "
-        f"into tasks of classes_per_task={classes_per_task}. Valid classes_per_task: {valid_sizes}; or set "
+        f"{problem}. Valid classes_per_task: {valid_sizes}; or keep classes_per_task={classes_per_task} and set "
         f"first_task_classes to one of {valid_firsts}."
     )
 

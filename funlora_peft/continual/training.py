@@ -9,7 +9,7 @@
   `(seed, task, step)` alone, so a resumed run replays exactly the steps an uninterrupted one takes
   (`step_generator`, `draw_training_batch`).
 
-The training loop itself lives in `examples/train.py`, built on these pieces.
+The training loop is the caller's: with these pieces any loop trains the protocol and resumes exactly.
 """
 
 from __future__ import annotations

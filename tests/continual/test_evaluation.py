@@ -13,7 +13,7 @@ from torch import nn
 from funlora_peft.continual.evaluation import (
     AccuracyMatrix,
     SmallClassifier,
-    StageEvaluation,
+    TaskMetrics,
     accuracy,
     class_seed,
     classification_accuracy_score,
@@ -318,18 +318,18 @@ def test_evaluate_stage(digits, real_classifier):
     stage = evaluate_stage(
         real_classifier, test_x, test_y, tasks, train_x[keep], train_y[keep], num_classes=NUM_CLASSES, epochs=5
     )
-    assert isinstance(stage, StageEvaluation)
-    assert stage.task_index == 1 and stage.class_ids == [0, 1, 2, 3]
+    assert isinstance(stage, TaskMetrics)
+    assert stage.task == 1 and stage.class_ids == [2, 3] and stage.seen_class_ids == [0, 1, 2, 3]
     assert stage.cas > 0.9 and len(stage.cas_per_task) == 2
     seen = torch.isin(train_y, torch.tensor([0, 1, 2, 3]))
     assert stage.recognition == recognition_accuracy(real_classifier, train_x[seen], train_y[seen])
-    assert stage.recognition_per_task == recognition_accuracy_per_task(
+    assert stage.accuracy_per_task == recognition_accuracy_per_task(
         real_classifier, train_x[seen], train_y[seen], tasks
     )
     assert stage.fd is not None and stage.fd >= 0 and len(stage.fd_per_task) == 2
     matrix = AccuracyMatrix()
-    matrix.append(stage.recognition_per_task[:1])
-    matrix.append(stage.recognition_per_task)
+    matrix.append(stage.accuracy_per_task[:1])
+    matrix.append(stage.accuracy_per_task)
     assert matrix.forgetting() == 0.0
 
     with pytest.raises(ValueError, match=r"No generated samples of classes \[2, 3\]"):
