@@ -163,6 +163,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fit.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation.")
     fit.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
     fit.add_argument(
+        "--class_balanced_batches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Draw the same number of images of every class of the task in each batch, laid out so that the "
+        "adapters run one convolution per conv (the batch size must be a multiple of every task's class count). "
+        "--no-class_balanced_batches draws images regardless of their class.",
+    )
+    fit.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimisation step."
     )
     fit.add_argument("--first_task_steps", type=int, default=300, help="Optimisation steps of task 0.")
@@ -324,7 +332,7 @@ def run_key(args: argparse.Namespace, tasks: list[list[int]], num_processes: int
         "target_modules select_layers importance_source importance_probe_steps start_from_run seed train_batch_size "
         "gradient_accumulation_steps first_task_steps task_steps learning_rate adapter_learning_rate lr_scheduler "
         "lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm time_distribution "
-        "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power"
+        "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power class_balanced_batches"
     ).split()
     key = {name: getattr(args, name) for name in keys}
     key["dataset_name"] = key["dataset_name"] or "digits"
@@ -369,6 +377,13 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     check_args(args)
     output_dir = Path(args.output_dir)
     data, tasks = protocol_args.load_protocol(args, layout_seed=args.seed)
+    unbalanced = sorted({len(task) for task in tasks if args.train_batch_size % len(task)})
+    if args.class_balanced_batches and unbalanced:
+        raise ValueError(
+            f"--train_batch_size={args.train_batch_size} is no multiple of the class count of every task "
+            f"({unbalanced}), which --class_balanced_batches needs; pick a multiple of them, or pass "
+            "--no-class_balanced_batches."
+        )
     config = protocol_args.unet_config_from_args(args, data.num_channels, data.resolution)
     key = run_key(args, tasks, accelerator.num_processes, accelerator.mixed_precision)
 
@@ -537,12 +552,15 @@ def train_task(
                 time_distribution=args.time_distribution,
                 logit_mean=args.logit_mean,
                 logit_std=args.logit_std,
+                class_balanced=args.class_balanced_batches,
+                class_order=run.tasks[task],
             )
             with accelerator.accumulate(ddp_model):
                 prediction = ddp_model(
                     batch.x_t.to(device),
                     t_to_model_timestep(batch.t).to(device),
-                    class_labels=batch.class_labels.to(device),
+                    # CPU labels: the adapters' routing is planned on the host, with no device synchronisation
+                    class_labels=batch.class_labels,
                 ).sample
                 loss = flow_matching_loss(prediction, batch.velocity.to(device))
                 accelerator.backward(loss)

@@ -154,7 +154,8 @@ class FunLoRAPipeline(DiffusionPipeline):
         config = self.unet.config
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
         x = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        label_tensor = torch.tensor(labels, device=self._execution_device)
+        # On the CPU: the adapters plan their routing on the host, with no device synchronisation.
+        label_tensor = torch.tensor(labels)
 
         # A uniform grid from sigma = 1 (noise) to 0 (data): the same steps as funlora_peft.flow_matching.sample_ode.
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)

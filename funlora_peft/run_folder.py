@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
 
 from .continual.evaluation import ContinualMetrics
 from .continual.importance import ImportanceRecord
 from .tuner.config import FunLoRAConfig
-from .tuner.model import FunLoRAModel, check_adapter_state_dict
+from .tuner.model import FunLoRAModel, load_adapter_tensors
 
 FORMAT_VERSION = 1
 INDEX_FILE = "funlora.json"
@@ -341,10 +341,10 @@ def attach_tasks(
                 model = get_peft_model(unet, config, adapter_name=task.name)
             else:
                 model.add_adapter(task.name, config)
-            problem = check_adapter_state_dict(model, task.name, tensors)
-            if problem is not None:
-                raise ValueError(f"{folder / task.name / ADAPTER_WEIGHTS}: {problem}")
-            set_peft_model_state_dict(model, tensors, adapter_name=task.name)
+            try:
+                load_adapter_tensors(model, task.name, tensors)
+            except ValueError as error:
+                raise ValueError(f"{folder / task.name / ADAPTER_WEIGHTS}: {error}") from None
     except Exception:
         if model is not None:
             model.base_model.unload()

@@ -1,5 +1,6 @@
 """The FunLoRA tuner on tiny UNet2DModels: one matrix over UNet configs x function families."""
 
+import collections
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from conftest import UNET_CONFIGS, make_inputs, make_unet
 from diffusers import UNet2DModel
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import funlora_peft
 from funlora_peft import FunLoRAConfig, FunLoRALayer
@@ -492,7 +494,7 @@ def test_target_modules_matching_no_conv():
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     with pytest.raises(ValueError, match=r"matches no nn.Conv2d.*convs are named e.g."):
         get_peft_model(unet, FunLoRAConfig(class_ids=[0], target_modules=["not_a_layer"]), "task_0")
-    with pytest.raises(ValueError, match=r"not nn.Conv2d: \['time_embedding.linear_1'\]"):
+    with pytest.raises(ValueError, match=r"cannot adapt: \['time_embedding.linear_1 \(Linear\)'\]"):
         get_peft_model(unet, FunLoRAConfig(class_ids=[0], target_modules=["time_embedding.linear_1", "conv_in"]))
     assert not funlora_layers(unet)
     assert unet.state_dict().keys() == before.keys()
@@ -586,4 +588,157 @@ def test_a_task_on_some_layers_is_unaffected_by_other_loaded_tasks(unet_name):
         pair = torch.tensor([2, 2])  # a single-class batch
         assert torch.equal(
             alone(x_t[:2], t[:2], class_labels=pair).sample, both(x_t[:2], t[:2], class_labels=pair).sample
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cost: one convolution per conv whatever the classes, class weights built once for sampling, torch.compile
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_calls(model, x_t, t, **kwargs) -> tuple[int, int]:
+    """(convolutions in the forward, convolution backwards) of one training step."""
+    with _CountOps() as counter:
+        out = model(x_t, t, **kwargs).sample
+        forward = counter.ops["convolution"]
+        out.square().mean().backward()
+    return forward, counter.ops["convolution_backward"]
+
+
+@pytest.mark.parametrize("labels", [[1] * 6, [0, 1, 0, 1, 0, 1], [0, 3, 2, 1, 5, 0], [5, 5, 5, 0, 2, 3]])
+def test_a_batch_of_any_classes_costs_one_convolution_per_conv(unet_name, labels):
+    model = two_task_model(unet_name, "cos")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    with model.disable_adapter():
+        bare = _conv_calls(model, x_t, t)
+    assert _conv_calls(model, x_t, t, class_labels=torch.tensor(labels)) == bare
+
+
+def test_unbalanced_and_shuffled_batches_give_the_per_sample_outputs(unet_name):
+    """Any order and any class counts (padded in the layout) give each sample its own class's output (float64)."""
+    model = two_task_model(unet_name, "cos").double()
+    labels = torch.tensor([5, 0, 5, 5, 2, 0, 5, 3])
+    x_t, t = make_inputs(model.base_model.model, batch_size=8)
+    x_t, t = x_t.double(), t.double()
+    with torch.no_grad():
+        mixed = model(x_t, t, class_labels=labels).sample
+        for i in range(len(labels)):
+            alone = model(x_t[i : i + 1], t[i : i + 1], class_labels=labels[i : i + 1]).sample
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-10, atol=1e-12)
+
+
+def test_sampling_builds_the_class_weights_once_and_a_parameter_update_rebuilds_them(unet_name, monkeypatch):
+    model = two_task_model(unet_name, "cos")
+    layers = funlora_layers(model)
+    builds = []
+    original = FunLoRALayer._class_scales
+    monkeypatch.setattr(FunLoRALayer, "_class_scales", lambda self, plan: builds.append(self) or original(self, plan))
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    with torch.no_grad():
+        first = model(x_t, t, class_labels=MIXED).sample
+        assert len(builds) == len(layers)  # once per layer
+        for _ in range(3):  # the steps of a sampling loop
+            again = model(x_t, t, class_labels=MIXED).sample
+        assert len(builds) == len(layers) and torch.equal(first, again)
+    # a training step changes the adapters in place: the next sampling call rebuilds, never a stale weight
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "funlora_" in n], lr=0.5)
+    model(x_t, t, class_labels=MIXED).sample.square().mean().backward()
+    optimizer.step()
+    builds.clear()
+    with torch.no_grad():
+        updated = model(x_t, t, class_labels=MIXED).sample
+    assert len(builds) == len(layers) and not torch.equal(updated, first)
+    fresh = two_task_model(unet_name, "cos")
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(updated, fresh(x_t, t, class_labels=MIXED).sample)
+    # so does loading other tensors into the same model
+    model.load_state_dict(two_task_model(unet_name, "cos").state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x_t, t, class_labels=MIXED).sample, first)
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(padding="same"),
+        dict(padding="valid"),
+        dict(padding=1, padding_mode="reflect"),
+        dict(kernel_size=4, padding="same"),
+    ],
+)
+def test_convs_with_any_padding_train_on_mixed_batches(conv_kwargs):
+    """String paddings and padding modes go through the grouped convolution and its backward (float64)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, **{"kernel_size": 3, **conv_kwargs}, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), FunLoRAConfig(class_ids=[0, 1, 2], init_alpha=0.3, init_seed=0), "task_0")
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([2, 0, 1, 2, 0])
+    out = model(x, class_labels=labels)
+    out.square().sum().backward()
+    for i in range(5):
+        layer = model.base_model.model.conv
+        weight = (
+            layer.get_base_layer().weight
+            * layer._class_scales(model.base_model.routing_plan([int(labels[i])], 1))[0][:, :, None, None]
+        )
+        conv = torch.nn.Conv2d(3, 4, **{"kernel_size": 3, **conv_kwargs}, dtype=torch.float64)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(layer.get_base_layer().bias)
+            torch.testing.assert_close(out[i : i + 1], conv(x[i : i + 1].detach()), rtol=1e-10, atol=1e-12)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_does_not_recompile_for_the_same_classes():
+    """torch.compile traces the routed UNet (the routing runs eagerly, `torch.compiler.disable`) for training and
+    sampling; the AOTAutograd backend exercises the custom autograd functions. Inductor gives the same graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = two_task_model("attn", "cos")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    eager = model(x_t, t, class_labels=MIXED).sample
+    eager.square().mean().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = compiled(x_t, t, class_labels=MIXED).sample
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-4, atol=1e-5)
+    frames = counter.frame_count
+    # another step with the same classes and counts (other samples, times and labels' order) compiles nothing new
+    x_2, t_2 = make_inputs(model.base_model.model, batch_size=6, seed=7)
+    compiled(x_2, t_2, class_labels=MIXED[torch.randperm(6)]).sample.square().mean().backward()
+    assert counter.frame_count == frames
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(x_t, t, class_labels=MIXED).sample, model(x_t, t, class_labels=MIXED).sample, rtol=1e-4, atol=1e-5
         )

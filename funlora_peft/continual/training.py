@@ -205,27 +205,51 @@ def draw_training_batch(
     time_distribution: str = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    class_balanced: bool = False,
+    class_order: Sequence[int] | None = None,
 ) -> TrainingBatch:
     """Draw the global batch of one step from `generator` and return this process's contiguous slice of it.
 
-    The global batch (`global_batch_size` distinct images, their noise x_0 and times t) is drawn identically on every
-    process, so the data a step sees depends only on the generator, not on the process that draws it.
+    The global batch (`global_batch_size` images, their noise x_0 and times t) is drawn identically on every process,
+    so the data a step sees depends only on the generator, not on the process that draws it.
+
+    With `class_balanced`, every class of the task gets the same number of images in every process's share, laid out
+    class-interleaved (slot `j * C + c` holds the j-th image of the c-th class of `class_order`): the layout in which
+    the FunLoRA adapters run one grouped convolution per conv with no reordering and no padding
+    (`funlora_peft.tuner.layer.RoutingPlan`). Otherwise the images are drawn regardless of their class.
 
     Args:
         images: `(num_images, channels, height, width)` training images x_1 of the current task, in [-1, 1].
         labels: `(num_images,)` their global class ids.
-        global_batch_size: images per step over all processes; must divide by `num_processes`.
+        global_batch_size: images per step over all processes; must divide by `num_processes` (and, with
+            `class_balanced`, every process's share by the number of classes).
         generator: the step's generator (`step_generator`).
         process_index, num_processes: this process's rank and the number of processes.
         time_distribution, logit_mean, logit_std: see `funlora_peft.flow_matching.sample_time`.
+        class_balanced: draw the same number of images of every class.
+        class_order: the order of the classes in the interleaved layout (default: ascending ids); pass the task's
+            adapter's `class_ids` so that the layout is the adapter's own.
     """
     if global_batch_size % num_processes:
         raise ValueError(f"global_batch_size={global_batch_size} must divide by num_processes={num_processes}.")
-    num_images = images.shape[0]
-    # Without replacement inside a batch; a task smaller than the batch repeats its images (each at most
-    # ceil(batch / num_images) times).
-    repeats = math.ceil(global_batch_size / num_images)
-    index = torch.cat([torch.randperm(num_images, generator=generator) for _ in range(repeats)])[:global_batch_size]
+    share = global_batch_size // num_processes
+    if class_balanced:
+        classes = sorted(torch.unique(labels).tolist()) if class_order is None else [int(c) for c in class_order]
+        if share % len(classes):
+            raise ValueError(
+                f"class-balanced batches need the batch of each process ({share}) to be a multiple of the "
+                f"{len(classes)} classes of the task; pick a batch size that is, or draw unbalanced batches."
+            )
+        per_class = share // len(classes)
+        columns = []
+        for class_id in classes:
+            members = torch.nonzero(labels == class_id).flatten()
+            if not len(members):
+                raise ValueError(f"class_order names class {class_id}, which has no image among `labels`.")
+            columns.append(_draw(members, per_class * num_processes, generator).view(num_processes, per_class))
+        index = torch.stack(columns, dim=-1).flatten()  # (process, j, class): slot j * C + c of each share
+    else:
+        index = _draw(torch.arange(images.shape[0]), global_batch_size, generator)
     batch = make_flow_matching_batch(
         images[index],
         generator=generator,
@@ -233,8 +257,15 @@ def draw_training_batch(
         logit_mean=logit_mean,
         logit_std=logit_std,
     )
-    share = global_batch_size // num_processes
     part = slice(process_index * share, (process_index + 1) * share)
     return TrainingBatch(
         x_t=batch.x_t[part], t=batch.t[part], velocity=batch.velocity[part], class_labels=labels[index][part]
     )
+
+
+def _draw(members: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` of `members`, without replacement within each pass over them (a pool smaller than `count` repeats,
+    each member at most ceil(count / len(members)) times)."""
+    repeats = math.ceil(count / len(members))
+    order = torch.cat([torch.randperm(len(members), generator=generator) for _ in range(repeats)])[:count]
+    return members[order]

@@ -66,6 +66,29 @@ class FunctionFamily:
         # sum_i (alpha_i / p) u_i v_i^T as one batched matmul: (classes, out, p) @ (classes, p, in)
         return torch.matmul(u * (alpha / num_functions).unsqueeze(1), v.transpose(1, 2))
 
+    def scales(
+        self, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, omega: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """1 + F_y for a batch of classes, `(classes, out_channels, in_channels)`: the layer's hot path.
+
+        The same values as `1 + compute(...)` in fewer ops (one `baddbmm` adds the 1 and sums the p terms).
+        """
+        num_functions = alpha.shape[-1]
+        u, v = self.terms(a, b, num_functions)
+        weighted = u * alpha.view(alpha.shape[0], 1, num_functions)
+        return torch.baddbmm(_one(a), weighted, v.transpose(1, 2), alpha=1.0 / num_functions)
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _one(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor 1 on `like`'s device and dtype, made once (the constant term of 1 + F)."""
+    key = (like.device, like.dtype)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), device=like.device, dtype=like.dtype)
+    return _ONES[key]
+
 
 class LinearFamily(FunctionFamily):
     """f_1(a, b) = a b^T: a plain rank-1 modulation, the LoRA-style baseline."""
@@ -83,9 +106,21 @@ class RShiftFamily(FunctionFamily):
     name = "rshift"
     rank_note = "exactly p generically"
 
+    def __init__(self) -> None:
+        self._shifts: dict[tuple, torch.Tensor] = {}
+
+    def _shift_index(self, size: int, num_functions: int, device: torch.device) -> torch.Tensor:
+        """`(size, p)` index `[o, i] = (o - i) mod size`: `v[..., index][..., o, i] = roll(v, i)[..., o]`."""
+        key = (size, num_functions, device)
+        if key not in self._shifts:
+            index = (torch.arange(size)[:, None] - torch.arange(num_functions)[None, :]) % size
+            self._shifts[key] = index.to(device)
+        return self._shifts[key]
+
     def terms(self, a, b, num_functions):
-        u = torch.stack([torch.roll(a, shifts=i, dims=-1) for i in range(num_functions)], dim=-1)
-        v = torch.stack([torch.roll(b, shifts=i, dims=-1) for i in range(num_functions)], dim=-1)
+        # One gather per factor rather than p rolls and a stack.
+        u = a[:, self._shift_index(a.shape[-1], num_functions, a.device)]
+        v = b[:, self._shift_index(b.shape[-1], num_functions, b.device)]
         return u, v
 
 
@@ -100,6 +135,42 @@ class PowerFamily(FunctionFamily):
         u = torch.tanh(a).unsqueeze(-1).pow(exponents)
         v = torch.tanh(b).unsqueeze(-1).pow(exponents)
         return u, v
+
+
+class _CosScales(torch.autograd.Function):
+    """1 + F with F = (1/p) sum_i alpha_i cos(omega_i a b^T), for a batch of classes, in few batched ops and without
+    keeping the `(classes, p, out, in)` phases for backward: they are recomputed from a, b and omega, so a layer's
+    training memory stays at its factors.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, alpha, omega):
+        (classes, out_channels), in_channels, num_functions = a.shape, b.shape[1], alpha.shape[1]
+        outer = torch.bmm(a.view(classes, out_channels, 1), b.view(classes, 1, in_channels))
+        # (classes, p, out * in): the phases omega_i a_o b_j, then their cosines, in place
+        cosines = (outer.view(classes, 1, -1) * omega.view(classes, num_functions, 1)).cos_()
+        ctx.save_for_backward(a, b, alpha, omega)
+        # 1 + sum_i (alpha_i / p) cos_i as one batched matmul: (classes, 1, p) @ (classes, p, out * in)
+        scales = torch.baddbmm(_one(a), alpha.view(classes, 1, num_functions), cosines, alpha=1.0 / num_functions)
+        return scales.view(classes, out_channels, in_channels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, alpha, omega = ctx.saved_tensors
+        (classes, out_channels), in_channels, num_functions = a.shape, b.shape[1], alpha.shape[1]
+        grad = grad.to(a.dtype).reshape(classes, 1, out_channels * in_channels)
+        outer = torch.bmm(a.view(classes, out_channels, 1), b.view(classes, 1, in_channels)).view(classes, 1, -1)
+        phases = outer * omega.view(classes, num_functions, 1)  # (classes, p, out * in)
+        grad_alpha = torch.bmm(phases.cos(), grad.transpose(1, 2)).view(classes, num_functions) / num_functions
+        # d(1 + F) / d phase_i = -(alpha_i / p) sin(phase_i)
+        grad_phases = phases.sin_().mul_(grad).mul_(alpha.view(classes, num_functions, 1) / -num_functions)
+        grad_omega = torch.bmm(grad_phases, outer.transpose(1, 2)).view(classes, num_functions)
+        grad_outer = torch.bmm(omega.view(classes, 1, num_functions), grad_phases).view(
+            classes, out_channels, in_channels
+        )
+        grad_a = torch.bmm(grad_outer, b.view(classes, in_channels, 1)).view(classes, out_channels)
+        grad_b = torch.bmm(a.view(classes, 1, out_channels), grad_outer).view(classes, in_channels)
+        return grad_a, grad_b, grad_alpha, grad_omega
 
 
 class CosFamily(FunctionFamily):
@@ -117,6 +188,11 @@ class CosFamily(FunctionFamily):
         outer = a.unsqueeze(-1) * b.unsqueeze(-2)  # (classes, out, in)
         phases = omega[:, :, None, None] * outer.unsqueeze(1)  # (classes, p, out, in)
         return torch.einsum("cp,cpoi->coi", alpha / num_functions, torch.cos(phases))
+
+    def scales(self, a, b, alpha, omega=None):
+        if omega is None:
+            raise ValueError("function 'cos' needs the frequencies `omega` of shape (classes, p).")
+        return _CosScales.apply(a, b, alpha, omega)
 
 
 FUNCTIONS: dict[str, FunctionFamily] = {

@@ -5,9 +5,11 @@ For each class y of an adapter and each adapted conv with frozen weight W0 `(out
     F_y = (1/p) * sum_{i=1..p} alpha_{y,i} * f_i(a_y, b_y)        (out_channels, in_channels)
     W_y = W0 * (1 + F_y)[:, :, None, None]                         (the bias is unchanged)
 
-A batch may mix classes of several adapters (tasks). The layer builds W_y once per class present in the batch and
-convolves each class's samples with it, so a batch costs about one convolution whatever the number of classes loaded,
-and a batch of one class costs exactly one convolution with W_y (the same as a merged conv).
+A batch may mix classes of several adapters (tasks). The model lays the batch out class-interleaved (`RoutingPlan`),
+and each layer builds the W_y of the C classes present in a few batched ops and runs ONE grouped convolution
+(`groups = C`) over the whole batch: a pass costs one convolution per conv whatever the number of classes in the
+batch or loaded, and a batch of one class costs exactly one convolution with W_y (the same as a merged conv).
+Without gradients (sampling) the stacked class weights are built once and reused until a parameter changes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -24,29 +27,64 @@ from .functions import FunctionFamily, get_function
 
 
 @dataclass
+class RoutingGroup:
+    """The classes of one adapter present in a batch.
+
+    Attributes:
+        adapter_name: the adapter (task) owning the classes.
+        rows: `(classes_of_that_adapter,)` rows of the adapter's stacked per-class tensors, on the adapter's device.
+        all_rows: the rows are every row of the adapter, in order (no gather needed).
+    """
+
+    adapter_name: str
+    rows: torch.Tensor
+    all_rows: bool
+
+
+@dataclass
 class RoutingPlan:
     """How the samples of one batch map to adapter rows; built once per forward by `FunLoRAModel`.
 
+    The batch is laid out class-interleaved: slot `j * C + c` holds the j-th sample of the c-th class present, for C
+    classes and `chunk` slots per class. Viewed as `(chunk, C * channels, height, width)`, a batch in this layout goes
+    through ONE grouped convolution (`groups = C`) with the C class weights W_y stacked, whatever C is. A class with
+    fewer than `chunk` samples has its last sample repeated in the empty slots (class-balanced batches need none).
+
     Attributes:
-        class_labels: `(batch,)` global class id of every sample (on the CPU).
-        groups: `(adapter_name, rows)` pairs in processing order; `rows` `(classes_of_that_adapter,)` indexes the
-            adapter's stacked per-class tensors, on the adapter's device.
-        counts: number of samples of each class present, in the order of the concatenated `rows`.
-        perm: `(batch,)` sample order that puts the classes in that order; None when the batch holds one class.
-        inverse: `(batch,)` the inverse permutation of `perm`; None when the batch holds one class.
-        single_class: the class id when the batch holds one class, else None.
+        class_labels: `(batch,)` global class id of every sample, in the caller's order (on the CPU).
+        class_ids: the C classes present, in layout order (by adapter in loading order, then by row).
+        groups: the classes of each adapter, in layout order.
+        chunk: slots per class.
+        gather: `(C * chunk,)` the caller's sample in each slot; None when the caller's batch is already laid out.
+        scatter: `(batch,)` the slot of each of the caller's samples; None when `gather` is None.
+        laid_out: the model moved the batch into the layout once for all layers (a `UNet2DModel`); otherwise every
+            layer gathers and scatters its own input and output.
     """
 
     class_labels: torch.Tensor
-    groups: list[tuple[str, torch.Tensor]]
-    counts: list[int]
-    perm: torch.Tensor | None
-    inverse: torch.Tensor | None
-    single_class: int | None
+    class_ids: list[int]
+    groups: list[RoutingGroup]
+    chunk: int
+    gather: torch.Tensor | None
+    scatter: torch.Tensor | None
+    laid_out: bool = False
 
     @property
     def batch_size(self) -> int:
         return self.class_labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_classes * self.chunk
+
+    @property
+    def single_class(self) -> int | None:
+        """The class id when the batch holds one class, else None."""
+        return self.class_ids[0] if len(self.class_ids) == 1 else None
 
 
 class FunLoRALayer(BaseTunerLayer):
@@ -75,6 +113,11 @@ class FunLoRALayer(BaseTunerLayer):
         self._routing: RoutingPlan | None = None
         self._merged_class: int | None = None
         self._weight_before_merge: torch.Tensor | None = None
+        # The adapters whose tensors require grad, and those that never train (created with inference_mode=True).
+        self._trainable_adapters: set[str] = set()
+        self._frozen_adapters: set[str] = set()
+        # Class weights built without gradients, with the key of what they were built from (`_cached_class_weights`).
+        self._weight_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -102,19 +145,48 @@ class FunLoRALayer(BaseTunerLayer):
         if config.init_seed is not None:
             # A per-layer seed, so that layers of equal shape do not start from the same factors.
             generator = torch.Generator().manual_seed(config.init_seed * 1_000_003 + zlib.crc32(layer_key.encode()))
+        if config.inference_mode:
+            self._frozen_adapters.add(adapter_name)
+        # Only the new tensors get their flag here: the others keep theirs (linear in the number of adapters).
+        trainable = adapter_name in self.active_adapters and adapter_name not in self._frozen_adapters
         kwargs = dict(dtype=torch.float32)
         a = torch.randn(num_classes, self.out_channels, generator=generator, **kwargs) * config.init_a_std
         b = torch.randn(num_classes, self.in_channels, generator=generator, **kwargs) * config.init_b_std
-        alpha = torch.full((num_classes, p), float(config.init_alpha), **kwargs)
-        self.funlora_a[adapter_name] = nn.Parameter(a.to(device))
-        self.funlora_b[adapter_name] = nn.Parameter(b.to(device))
-        self.funlora_alpha[adapter_name] = nn.Parameter(alpha.to(device))
+        tensors = {
+            "funlora_a": a,
+            "funlora_b": b,
+            "funlora_alpha": torch.full((num_classes, p), float(config.init_alpha), **kwargs),
+        }
         if family.uses_omega:
-            omega = config.init_omega * torch.arange(1, p + 1, **kwargs).repeat(num_classes, 1)
-            self.funlora_omega[adapter_name] = nn.Parameter(omega.to(device))
+            tensors["funlora_omega"] = (config.init_omega * torch.arange(1, p + 1, **kwargs)).expand(num_classes, p)
+        for store_name, tensor in tensors.items():
+            getattr(self, store_name)[adapter_name] = nn.Parameter(tensor.to(device).contiguous(), trainable)
         self.funlora_function[adapter_name] = family
         self.funlora_class_ids[adapter_name] = list(config.class_ids)
-        self.set_adapter(self.active_adapters)
+        (self._trainable_adapters.add if trainable else self._trainable_adapters.discard)(adapter_name)
+
+    def _set_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
+        for store in (self.funlora_a, self.funlora_b, self.funlora_alpha, self.funlora_omega):
+            if adapter_name in store:
+                store[adapter_name].requires_grad_(requires_grad)
+        (self._trainable_adapters.add if requires_grad else self._trainable_adapters.discard)(adapter_name)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_names` the active adapters and their tensors the only trainable ones (PEFT's contract).
+
+        Adapters created with `inference_mode=True` (e.g. loaded with `is_trainable=False`) stay frozen. Only the
+        adapters whose flag changes are touched, so that adding adapters one by one stays linear in their number.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        wanted = set() if inference_mode else {n for n in names if n in self.funlora_a} - self._frozen_adapters
+        for name in self._trainable_adapters ^ wanted:
+            self._set_requires_grad(name, name in wanted)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._trainable_adapters.discard(adapter_name)
+        self._frozen_adapters.discard(adapter_name)
 
     # ----------------------------------------------------------------------------------------------------------------
     # The functional matrix and the per-class weights
@@ -129,16 +201,52 @@ class FunLoRALayer(BaseTunerLayer):
             omega = omega[rows] if omega is not None else None
         return self.funlora_function[adapter_name].compute(a, b, alpha, omega)
 
-    def _class_scales(self, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """1 + F_y for every class of the routing groups, in order: `(classes, out_channels, in_channels)`, fp32."""
+    def _class_scales(self, plan: RoutingPlan) -> torch.Tensor:
+        """1 + F_y for every class of the batch, in layout order: `(classes, out_channels, in_channels)`, fp32."""
         scales = []
-        for adapter_name, rows in groups:
-            if adapter_name not in self.funlora_a:
+        for group in plan.groups:
+            if group.adapter_name not in self.funlora_a:
                 # The adapter does not target this layer: its classes use W0 here.
-                scales.append(torch.ones(rows.shape[0], self.out_channels, self.in_channels, device=rows.device))
+                scales.append(
+                    torch.ones(len(group.rows), self.out_channels, self.in_channels, device=group.rows.device)
+                )
             else:
-                scales.append(1.0 + self.functional_matrix(adapter_name, rows))
+                name = group.adapter_name
+                a, b, alpha = self.funlora_a[name], self.funlora_b[name], self.funlora_alpha[name]
+                omega = self.funlora_omega[name] if name in self.funlora_omega else None
+                if not group.all_rows:
+                    a, b, alpha = a[group.rows], b[group.rows], alpha[group.rows]
+                    omega = omega[group.rows] if omega is not None else None
+                scales.append(self.funlora_function[name].scales(a, b, alpha, omega))
         return scales[0] if len(scales) == 1 else torch.cat(scales)
+
+    def _class_weights(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stacked class weights W_y = W0 * scale_y `(classes * out, in, s, s)` and the repeated bias."""
+        base = self.get_base_layer()
+        bias = None if base.bias is None else base.bias.repeat(scales.shape[0])
+        return _stack_class_weights(base.weight, scales), bias
+
+    def _cached_class_weights(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_class_weights` without gradients, built once and kept until a tensor it depends on changes.
+
+        The key holds every tensor the weights are built from (W0, the bias and the adapters' tensors of the classes
+        present) by identity and version counter: an optimizer step, `load_state_dict` or a merge changes a version
+        or a tensor, so a stale weight is never used.
+        """
+        base = self.get_base_layer()
+        tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+        for group in plan.groups:
+            for store in (self.funlora_a, self.funlora_b, self.funlora_alpha, self.funlora_omega):
+                if group.adapter_name in store:
+                    tensors.append(store[group.adapter_name])
+        key = (
+            tuple((g.adapter_name, g.rows.data_ptr(), len(g.rows)) for g in plan.groups),
+            tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
+        )
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.autocast(base.weight.device.type, enabled=False):
+                self._weight_cache = (key, *self._class_weights(self._class_scales(plan)))
+        return self._weight_cache[1], self._weight_cache[2]
 
     def get_delta_weight(self, adapter_name: str, class_label: int) -> torch.Tensor:
         """W_y - W0 = W0 * F_y for one class of `adapter_name`, in the dtype of W0."""
@@ -193,64 +301,82 @@ class FunLoRALayer(BaseTunerLayer):
         self._merged_class = None
 
 
-class _PerClassConv2d(torch.autograd.Function):
-    """Convolve consecutive chunks of a batch, one per class, with W_y = W0 * scale_y.
+class _ClassConv2d(torch.autograd.Function):
+    """One grouped convolution of a class-interleaved batch with the stacked class weights W_y = W0 * scale_y.
 
-    Autograd would keep one full weight copy per class and conv for the backward pass; this function keeps only the
-    scales `(classes, out, in)` (a kernel's area smaller) and rebuilds each W_y in backward.
+    `x` is `(chunk, classes * in, h, w)` (the class-interleaved batch viewed with the classes in the channels), the
+    weight `(classes * out, in, s, s)` is built here and NOT kept for backward: autograd would keep one weight copy
+    per class and conv; this keeps the scales `(classes, out, in)`, a kernel's area smaller, and rebuilds W_y.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, counts, stride, padding, dilation):
-        outs = []
-        for chunk, scale in zip(x.split(counts), scales):
-            class_weight = weight * scale[:, :, None, None].to(weight.dtype)
-            outs.append(torch.nn.functional.conv2d(chunk, class_weight, bias, stride, padding, dilation))
+    def forward(ctx, x, weight, bias, scales, stride, padding, dilation):
+        classes = scales.shape[0]
         ctx.save_for_backward(x, weight, scales)
-        ctx.counts, ctx.conv_args, ctx.has_bias = counts, (stride, padding, dilation), bias is not None
-        return torch.cat(outs)
+        ctx.conv_args, ctx.has_bias = (stride, padding, dilation), bias is not None
+        class_bias = None if bias is None else bias.repeat(classes)
+        return F.conv2d(x, _stack_class_weights(weight, scales), class_bias, stride, padding, dilation, classes)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, scales = ctx.saved_tensors
         need_x, need_weight, need_bias, need_scales = ctx.needs_input_grad[:4]
         stride, padding, dilation = ctx.conv_args
-        grad_x, grad_scales = [], []
-        # Accumulate in at least fp32 (bf16 / fp16 weights), in the weights' own precision when it is higher.
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None
-        for chunk, grad, scale in zip(x.split(ctx.counts), grad_out.split(ctx.counts), scales):
-            scale = scale[:, :, None, None]
-            class_weight = weight * scale.to(weight.dtype)
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad,
-                chunk,
-                class_weight,
-                None,
-                stride,
-                padding,
-                dilation,
-                False,
-                [0, 0],
-                1,
-                [need_x, need_weight or need_scales, False],
-            )
-            if need_x:
-                grad_x.append(gx)
-            if need_scales:
-                grad_scales.append((gw.to(acc) * weight.to(acc)).sum(dim=(-1, -2)))
-            if need_weight:
-                grad_weight += gw.to(acc) * scale
-        return (
-            torch.cat(grad_x) if need_x else None,
-            grad_weight.to(weight.dtype) if need_weight else None,
-            grad_out.sum(dim=(0, 2, 3)) if need_bias and ctx.has_bias else None,
-            torch.stack(grad_scales).to(scales.dtype) if need_scales else None,
-            None,
-            None,
-            None,
-            None,
+        classes, (out_channels, in_channels, height, width) = scales.shape[0], weight.shape
+        grad_x, grad_class_weight, grad_class_bias = torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            _stack_class_weights(weight, scales),
+            [classes * out_channels] if ctx.has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            classes,
+            [need_x, need_weight or need_scales, need_bias and ctx.has_bias],
         )
+        grad_weight = grad_scales = grad_bias = None
+        if need_weight or need_scales:
+            # Accumulate in at least fp32 (bf16 / fp16 weights), in the weights' own precision when it is higher.
+            acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            per_class = grad_class_weight.to(acc).view(classes, out_channels, in_channels, height * width)
+            if need_scales:
+                kernel = weight.to(acc).view(1, out_channels, in_channels, height * width)
+                grad_scales = (per_class * kernel).sum(dim=-1).to(scales.dtype)
+            if need_weight:
+                scaled = per_class * scales.to(acc).view(classes, out_channels, in_channels, 1)
+                grad_weight = scaled.sum(dim=0).view(weight.shape).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_class_bias.view(classes, out_channels).sum(dim=0)
+        return grad_x, grad_weight, grad_bias, grad_scales, None, None, None
+
+
+def _stack_class_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W_y = W0 * scale_y for the classes of `scales` `(classes, out, in)`, stacked: `(classes * out, in, s, s)`."""
+    classes, (out_channels, in_channels, height, width) = scales.shape[0], weight.shape
+    kernel = weight.view(1, out_channels, in_channels, height * width)
+    stacked = kernel * scales.to(weight.dtype).view(classes, out_channels, in_channels, 1)
+    return stacked.view(classes * out_channels, in_channels, height, width)
+
+
+def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`x` and the integer padding for `F.conv2d` that pad `x` exactly as `conv` does.
+
+    A grouped convolution's backward (`convolution_backward`) takes integer paddings only: "valid" is 0, a symmetric
+    "same" its half-kernel, and an asymmetric "same" (even kernels) or a reflect / replicate / circular mode become an
+    explicit, differentiable `F.pad` of the input, as nn.Conv2d does for the modes.
+    """
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
+    if conv.padding == "valid":
+        return x, (0, 0)
+    if conv.padding == "same":
+        left, right, top, bottom = conv._reversed_padding_repeated_twice
+        if left == right and top == bottom:
+            return x, (top, left)
+        return F.pad(x, conv._reversed_padding_repeated_twice), (0, 0)
+    return x, tuple(conv.padding)
 
 
 class Conv2d(nn.Module, FunLoRALayer):
@@ -273,37 +399,48 @@ class Conv2d(nn.Module, FunLoRALayer):
             if plan is None or plan.single_class == self._merged_class:
                 return self.base_layer(x, *args, **kwargs)
             raise ValueError(
-                f"Class {self._merged_class} is merged into the convs, but the batch holds classes "
-                f"{sorted(set(plan.class_labels.tolist()))}; call unmerge_adapter() to route mixed batches."
+                f"Class {self._merged_class} is merged into the convs, but the batch holds classes {plan.class_ids}; "
+                "call unmerge_adapter() to route mixed batches."
             )
         if plan is None:
             raise RuntimeError(
                 "This FunLoRA layer received no class labels: call the model with `class_labels=...`, or use "
                 "`with model.disable_adapter():` for the base output."
             )
-        if plan.batch_size != x.shape[0]:
+        expected = plan.num_slots if plan.laid_out else plan.batch_size
+        if x.shape[0] != expected:
             raise ValueError(
                 f"class_labels has {plan.batch_size} entries but the layer received a batch of {x.shape[0]}; pass one "
                 "label per sample."
             )
-        if all(adapter_name not in self.funlora_a for adapter_name, _ in plan.groups):
+        if all(group.adapter_name not in self.funlora_a for group in plan.groups):
             # No class of the batch is adapted here: the plain conv, exactly as if this layer were not wrapped (a
             # task that adapts only some layers gives the same outputs whatever other tasks are loaded).
             return self.base_layer(x, *args, **kwargs)
+        if not plan.laid_out and plan.gather is not None:
+            x = x.index_select(0, plan.gather)
         base = self.get_base_layer()
-        scales = self._class_scales(plan.groups)
-        if len(plan.counts) == 1:
-            return base._conv_forward(x, base.weight * scales[0, :, :, None, None].to(base.weight.dtype), base.bias)
-        if plan.perm is not None:
-            x = x.index_select(0, plan.perm)
-        if base.padding_mode == "zeros" and not torch.is_autocast_enabled(x.device.type):
-            out = _PerClassConv2d.apply(
-                x, base.weight, base.bias, scales, plan.counts, base.stride, base.padding, base.dilation
-            )
+        x, padding = _explicit_padding(base, x)
+        classes = plan.num_classes
+        grouped = x.reshape(plan.chunk, classes * self.in_channels, *x.shape[2:])  # the classes in the channels
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
+            with torch.autocast(x.device.type, enabled=False):  # F_y in the adapters' precision (fp32)
+                scales = self._class_scales(plan)
+            weight, bias = base.weight, base.bias
+            if torch.is_autocast_enabled(x.device.type):
+                # The conv runs in the autocast dtype; the casts are differentiable, the scales stay fp32.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                grouped, weight = grouped.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                out = _ClassConv2d.apply(grouped, weight, bias, scales, base.stride, padding, base.dilation)
         else:
-            weights = base.weight.unsqueeze(0) * scales[:, :, :, None, None].to(base.weight.dtype)
-            out = torch.cat([base._conv_forward(c, w, base.bias) for c, w in zip(x.split(plan.counts), weights)])
-        return out if plan.perm is None else out.index_select(0, plan.inverse)
+            weight, bias = self._cached_class_weights(plan)
+            out = F.conv2d(grouped, weight, bias, base.stride, padding, base.dilation, classes)
+        out = out.reshape(plan.chunk * classes, self.out_channels, *out.shape[2:])
+        if not plan.laid_out and plan.scatter is not None:
+            out = out.index_select(0, plan.scatter)
+        return out
 
     def __repr__(self) -> str:
         return "funlora." + super().__repr__()

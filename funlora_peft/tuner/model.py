@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from collections.abc import Sequence
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import UNet2DModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils import _get_submodules
 from torch import nn
 
 from .config import FunLoRAConfig
-from .layer import Conv2d, FunLoRALayer, RoutingPlan
+from .layer import Conv2d, FunLoRALayer, RoutingGroup, RoutingPlan
 
 
-def _conv_names(model: nn.Module) -> list[str]:
-    """Names of the convs FunLoRA can adapt: plain `nn.Conv2d`s and already wrapped ones, in module order."""
-    names = []
+def _conv_groups(module: nn.Module) -> int:
+    conv = module.get_base_layer() if isinstance(module, FunLoRALayer) else module
+    return conv.groups
+
+
+def _adaptable_convs(model: nn.Module, include_grouped: bool = False) -> list[tuple[str, nn.Module]]:
+    """`(name, module)` of the convs FunLoRA can adapt, in module order: plain dense `nn.Conv2d`s and already wrapped
+    ones; grouped convs (`groups > 1`, e.g. depthwise) only with `include_grouped`."""
+    convs = []
     for name, module in model.named_modules():
-        if isinstance(module, FunLoRALayer):
-            names.append(name)
-        elif isinstance(module, nn.Conv2d) and not name.endswith(".base_layer"):
-            names.append(name)
-    return names
+        if isinstance(module, FunLoRALayer) or (isinstance(module, nn.Conv2d) and not name.endswith(".base_layer")):
+            if include_grouped or _conv_groups(module) == 1:
+                convs.append((name, module))
+    return convs
 
 
 class FunLoRAModel(BaseTuner):
@@ -49,6 +57,10 @@ class FunLoRAModel(BaseTuner):
     prefix: str = "funlora_"
     tuner_layer_cls = FunLoRALayer
     target_module_mapping: dict = {}
+    # Caches, valid until the set of adapters changes (`_funlora_layers`) or other labels come (`routing_plan`).
+    _layers_key: tuple | None = None
+    _layers: list = []
+    _plan_cache: tuple | None = None
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
@@ -57,47 +69,117 @@ class FunLoRAModel(BaseTuner):
         # Registered after injection; removed again by merge_and_unload / unload.
         self._routing_hook = self.model.register_forward_pre_hook(self._route_class_labels, with_kwargs=True)
         self._restore_hook = self.model.register_forward_hook(self._restore_sample_order)
-        self._output_inverse: torch.Tensor | None = None
+        self._output_scatter: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Injection
 
     def _prepare_adapter_config(self, peft_config: FunLoRAConfig, model_config: dict) -> FunLoRAConfig:
-        """Default `target_modules` to every conv, and check the targets before anything is replaced."""
-        convs = _conv_names(self.model)
+        """Default `target_modules` to every conv FunLoRA can adapt (dense `nn.Conv2d`s, `groups=1`)."""
         if peft_config.target_modules is None:
-            peft_config.target_modules = list(convs)
-        matched, not_convs = [], []
-        conv_set = set(convs)
+            peft_config.target_modules = [name for name, _ in _adaptable_convs(self.model)]
+        return peft_config
+
+    def _target_convs(self, peft_config: FunLoRAConfig) -> list[str]:
+        """The names of the convs `peft_config` targets, checked before anything is replaced (one pass over the model).
+
+        None (the default) targets every dense conv and skips grouped ones. A name that matches a module FunLoRA
+        cannot adapt (a leaf that is no `nn.Conv2d`, or a grouped conv) is refused with the remedy; a container that
+        merely holds convs (e.g. a block matched by a broad regex) is not.
+        """
+        default = peft_config.target_modules is None
+        matched, refused, examples = [], [], []
         adapter_parts = tuple(f".{p}" for p in FunLoRALayer.adapter_layer_names)
-        for name, _ in self.model.named_modules():
+        for name, module in self.model.named_modules():
             if not name or name.endswith(".base_layer") or any(part in name for part in adapter_parts):
                 continue
+            is_conv = isinstance(module, (FunLoRALayer, nn.Conv2d))
+            if is_conv and len(examples) < 4:
+                examples.append(name)
+            if default:
+                if is_conv and _conv_groups(module) == 1:
+                    matched.append(name)
+                continue
             result = check_target_module_exists(peft_config, name)
-            if result and not _is_excluded(result):
-                (matched if name in conv_set else not_convs).append(name)
-        # Containers that merely hold convs (e.g. a block matched by a broad regex) are not errors; other leaves are.
-        not_convs = [n for n in not_convs if not list(self.model.get_submodule(n).children())]
-        if not_convs:
+            if not result or _is_excluded(result):
+                continue
+            if is_conv and _conv_groups(module) == 1:
+                matched.append(name)
+            elif is_conv:
+                refused.append(f"{name} (groups={_conv_groups(module)})")
+            elif not list(module.children()):
+                refused.append(f"{name} ({type(module).__name__})")
+        if refused:
             raise ValueError(
-                f"`target_modules`={peft_config.target_modules!r} matches modules that are not nn.Conv2d: "
-                f"{not_convs[:5]}; FunLoRA adapts convs only. Narrow `target_modules` or list them in "
-                "`exclude_modules`."
+                f"`target_modules`={peft_config.target_modules!r} matches modules FunLoRA cannot adapt: "
+                f"{refused[:5]}; it adapts dense nn.Conv2d layers (groups=1) only. Narrow `target_modules` or list "
+                "them in `exclude_modules`."
             )
         if not matched:
             raise ValueError(
                 f"`target_modules`={peft_config.target_modules!r} (exclude_modules={peft_config.exclude_modules!r}) "
-                f"matches no nn.Conv2d of the model. Its convs are named e.g. {convs[:4]}; pass names like these, or "
+                f"matches no nn.Conv2d of the model. Its convs are named e.g. {examples}; pass names like these, or "
                 "leave target_modules=None to adapt every conv."
             )
-        return peft_config
+        return matched
 
-    def _check_new_adapter_config(self, config: FunLoRAConfig) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict=None,
+        **kwargs,
+    ) -> None:
+        """Add the adapter `adapter_name` (its config is in `self.peft_config`) to the targeted convs, all or nothing.
+
+        PEFT's `BaseTuner.inject_adapter` visits every parameter of the model, each earlier adapter's included, at
+        every injection (to keep their `requires_grad`), so loading adapters one by one is quadratic in their number.
+        A FunLoRA adapter only adds tensors to convs, so this visits the convs once: linear. Everything is checked
+        before the first conv is wrapped, and a failure part way removes what was added.
+        """
+        config = self.peft_config[adapter_name]
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            # One config object for two adapters: PEFT edits configs in place, and the class-ownership check needs
+            # them apart.
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        self._check_new_adapter_config(config, adapter_name)
+        targets = self._target_convs(config)
+        if config.target_modules is None:
+            config.target_modules = list(targets)
+        if state_dict is not None:  # low_cpu_mem_usage loading: the modules the weights name
+            saved = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
+            targets = [name for name in targets if name in saved]
+        first = not self._funlora_layers_uncached(model)
+        self._layers_key = None  # the set of layers changes
+        wrapped = []
+        try:
+            for key in targets:
+                parent, target, target_name = _get_submodules(model, key)
+                if not isinstance(target, FunLoRALayer):
+                    wrapped.append((parent, target_name, target))
+                with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():
+                    self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+        except Exception:
+            for parent, target_name, original in wrapped:
+                setattr(parent, target_name, original)
+            for layer in self._funlora_layers_uncached(model):
+                if adapter_name in layer.funlora_a:
+                    layer.delete_adapter(adapter_name)
+            raise
+        for name in targets:
+            if name not in self.targeted_module_names:
+                self.targeted_module_names.append(name)
+        if first:
+            self._mark_only_adapters_as_trainable(model)
+
+    def _check_new_adapter_config(self, config: FunLoRAConfig, adapter_name: str | None = None) -> None:
         """Refuse an adapter whose class ids are already owned by another adapter."""
         super()._check_new_adapter_config(config)
         new_ids = set(config.class_ids)
         for name, other in self.peft_config.items():
-            if other is config:
+            if name == adapter_name or (adapter_name is None and other is config):
                 continue
             clash = sorted(new_ids & set(other.class_ids))
             if clash:
@@ -109,27 +191,42 @@ class FunLoRAModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, FunLoRALayer):
             target.update_layer(adapter_name, peft_config, layer_key=current_key)
-            if adapter_name not in self.active_adapters:
-                target.set_adapter(self.active_adapters)
             return
         new_module = Conv2d(target, adapter_name, peft_config, layer_key=current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
+        new_module._active_adapter = list(self.active_adapters)
+        new_module._set_requires_grad(adapter_name, False)
+        new_module.set_adapter(self.active_adapters)
         setattr(parent, target_name, new_module)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
+        """Freeze the base model; the adapters keep the flags `set_adapter` gave them (inference-mode ones frozen).
+
+        Only the base model's own tensors are visited, not every adapter's, so adding adapters one by one stays linear
+        in their number.
+        """
         for module in model.modules():
-            if isinstance(module, FunLoRALayer):
-                module.set_adapter(module.active_adapters)
+            if isinstance(module, nn.ParameterDict) or isinstance(module, FunLoRALayer):
+                continue  # the adapter tensors (the ParameterDicts) and the layer wrapper itself hold no base tensor
+            for param in module._parameters.values():
+                if param is not None:
+                    param.requires_grad_(False)
+        for layer in self._funlora_layers():
+            layer.set_adapter(layer.active_adapters)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Routing
 
+    @staticmethod
+    def _funlora_layers_uncached(model: nn.Module) -> list[FunLoRALayer]:
+        return [m for m in model.modules() if isinstance(m, FunLoRALayer)]
+
     def _funlora_layers(self) -> list[FunLoRALayer]:
-        return [m for m in self.model.modules() if isinstance(m, FunLoRALayer)]
+        """The FunLoRA layers of the model, found once per change of the set of adapters (not at every forward)."""
+        key = (len(self.peft_config), tuple(self.peft_config))
+        if self._layers_key != key:
+            self._layers = self._funlora_layers_uncached(self.model)
+            self._layers_key = key
+        return self._layers
 
     def class_table(self) -> dict[int, tuple[str, int]]:
         """`{class_id: (adapter_name, row)}` over all loaded adapters."""
@@ -148,9 +245,18 @@ class FunLoRAModel(BaseTuner):
         return sorted(self.class_table())
 
     def routing_plan(self, class_labels, batch_size: int) -> RoutingPlan:
-        """Validate `class_labels` and group the batch by class; see `RoutingPlan`."""
+        """Validate `class_labels` and lay the batch out class-interleaved; see `RoutingPlan`.
+
+        Everything is computed on the CPU from the labels: labels given as a list or a CPU tensor cost no device
+        synchronisation (a CUDA tensor of labels is copied to the CPU once). The last plan is reused while the same
+        labels come again (the steps of a sampling loop).
+        """
         labels = _as_label_tensor(class_labels, batch_size)
         table = self.class_table()
+        device = self._adapter_device()
+        cache_key = (labels.numpy().tobytes(), self._class_table_key, device)
+        if self._plan_cache is not None and self._plan_cache[0] == cache_key:
+            return self._plan_cache[1]
         unique, counts = torch.unique(labels, return_counts=True)
         unknown = [c for c in unique.tolist() if c not in table]
         if unknown:
@@ -160,34 +266,55 @@ class FunLoRAModel(BaseTuner):
             )
         # Order the classes by adapter (in loading order), then by row, so each adapter's rows are contiguous.
         adapter_order = {name: i for i, name in enumerate(self.peft_config)}
-        entries = sorted(
-            zip(unique.tolist(), counts.tolist()),
-            key=lambda e: (adapter_order[table[e[0]][0]], table[e[0]][1]),
-        )
-        groups: dict[str, list[int]] = {}
-        for class_id, _ in entries:
+        count_of = dict(zip(unique.tolist(), counts.tolist()))
+        present = sorted(count_of, key=lambda c: (adapter_order[table[c][0]], table[c][1]))
+        rows_of: dict[str, list[int]] = {}
+        for class_id in present:
             name, row = table[class_id]
-            groups.setdefault(name, []).append(row)
-        device = self._adapter_device()
-        group_list = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
-        ordered_counts = [count for _, count in entries]
-        if len(entries) == 1:
-            return RoutingPlan(labels, group_list, ordered_counts, None, None, entries[0][0])
-        position = {class_id: i for i, (class_id, _) in enumerate(entries)}
-        keys = torch.tensor([position[c] for c in labels.tolist()])
-        perm = torch.argsort(keys, stable=True)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel())
-        return RoutingPlan(labels, group_list, ordered_counts, perm.to(device), inverse.to(device), None)
+            rows_of.setdefault(name, []).append(row)
+        groups = [
+            RoutingGroup(
+                name,
+                _to_device(torch.tensor(rows), device),
+                rows == list(range(len(self.peft_config[name].class_ids))),
+            )
+            for name, rows in rows_of.items()
+        ]
+        num_classes, chunk = len(present), max(count_of.values())
+        # Slot of every sample: (its rank among the samples of its class) * C + (the position of its class).
+        position = torch.tensor([present.index(c) for c in unique.tolist()])[torch.searchsorted(unique, labels)]
+        order = torch.argsort(position, stable=True)
+        class_counts = torch.tensor([count_of[c] for c in present])
+        starts = torch.cumsum(class_counts, 0) - class_counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order)) - starts[position[order]]
+        scatter = rank * num_classes + position
+        gather = None
+        if num_classes * chunk != len(labels) or not torch.equal(scatter, torch.arange(len(labels))):
+            slots = torch.zeros(num_classes * chunk, dtype=torch.long)
+            slots[scatter] = torch.arange(len(labels))
+            # A class with fewer samples than `chunk` repeats its last one in its empty slots.
+            slots = slots.view(chunk, num_classes)
+            last = slots[class_counts - 1, torch.arange(num_classes)]
+            slots = torch.where(torch.arange(chunk)[:, None] < class_counts[None, :], slots, last[None, :])
+            gather = _to_device(slots.flatten(), device)
+            scatter = _to_device(scatter, device)
+        plan = RoutingPlan(labels, present, groups, chunk, gather, None if gather is None else scatter, gather is None)
+        self._plan_cache = (cache_key, plan)
+        return plan
 
     def _adapter_device(self) -> torch.device:
         for layer in self._funlora_layers():
             return layer.get_base_layer().weight.device
         return torch.device("cpu")
 
+    @torch.compiler.disable
     def _route_class_labels(self, module, args, kwargs):
-        """Forward pre-hook of the wrapped model: take `class_labels` out of the call and route them to the layers."""
-        self._output_inverse = None  # a previous forward may have raised before restoring the order
+        """Forward pre-hook of the wrapped model: take `class_labels` out of the call and route them to the layers.
+
+        Host-side planning (`routing_plan`): `torch.compile` runs it eagerly and compiles the model around it.
+        """
+        self._output_scatter = None  # a previous forward may have raised before restoring the order
         class_labels = kwargs.pop("class_labels", None)
         if class_labels is None and len(args) > 2:
             # UNet2DModel.forward(sample, timestep, class_labels, ...): the labels may come positionally.
@@ -205,24 +332,24 @@ class FunLoRAModel(BaseTuner):
             )
         sample = args[0] if args else kwargs.get("sample")
         plan = self.routing_plan(class_labels, batch_size=sample.shape[0])
-        if plan.perm is not None and isinstance(module, UNet2DModel):
-            # Every op of a UNet2DModel treats samples independently, so the batch can be grouped by class once here
-            # (and restored once in `_restore_sample_order`) rather than at every adapted conv.
-            args, kwargs = _reorder_unet_inputs(args, kwargs, plan.perm)
-            self._output_inverse = plan.inverse
-            plan = dataclasses.replace(plan, perm=None, inverse=None)
+        if plan.gather is not None and isinstance(module, UNet2DModel):
+            # Every op of a UNet2DModel treats samples independently, so the batch is laid out once here (and put
+            # back in the caller's order once in `_restore_sample_order`) rather than at every adapted conv.
+            args, kwargs = _reorder_unet_inputs(args, kwargs, plan.gather, plan.batch_size)
+            self._output_scatter = plan.scatter
+            plan = dataclasses.replace(plan, laid_out=True)
         for layer in layers:
             layer._routing = plan
         return args, kwargs
 
     def _restore_sample_order(self, module, args, output):
-        """Forward hook of the wrapped model: undo the grouping by class of `_route_class_labels`."""
-        inverse, self._output_inverse = self._output_inverse, None
-        if inverse is None:
+        """Forward hook of the wrapped model: put the outputs back in the caller's order (`_route_class_labels`)."""
+        scatter, self._output_scatter = self._output_scatter, None
+        if scatter is None:
             return output
         if isinstance(output, tuple):
-            return (output[0].index_select(0, inverse),) + output[1:]
-        output.sample = output.sample.index_select(0, inverse)
+            return (output[0].index_select(0, scatter),) + output[1:]
+        output.sample = output.sample.index_select(0, scatter)
         return output
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -294,6 +421,27 @@ class FunLoRAModel(BaseTuner):
         return remapped
 
 
+_SAVED_PREFIX = "base_model.model."  # what PEFT's save_pretrained puts before the base model's module names
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The tensors of `adapter_name` in `model`, keyed as PEFT saves them (`base_model.model.<conv>.funlora_a`).
+
+    One pass over the model's modules (their number does not grow with the adapters loaded), not over its state dict.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, FunLoRALayer):
+            continue
+        for prefix in ("base_model.model.", "model."):
+            name = name.removeprefix(prefix)
+        for store_name in FunLoRALayer.adapter_layer_names:
+            store = getattr(module, store_name)
+            if adapter_name in store:
+                found[f"{_SAVED_PREFIX}{name}.{store_name}"] = store[adapter_name]
+    return found
+
+
 def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> str | None:
     """The first reason `state_dict` cannot be loaded as `adapter_name` into `model`, or None when it fits.
 
@@ -301,21 +449,12 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
     Checks that every tensor maps to a FunLoRA tensor of an existing conv, that every such tensor is present, that
     shapes match, and that values are floating point and finite.
     """
-    prefix, suffix = "base_model.model.", f".{adapter_name}"
-    layer_parts = tuple(f".{p}." for p in FunLoRALayer.adapter_layer_names)
-
-    def checkpoint_key(key: str) -> str:
-        key = key.removesuffix(suffix) if key.rsplit(".", 1)[-1] == adapter_name else key
-        return key if key.startswith(prefix) else prefix + key
-
-    expected = {
-        checkpoint_key(name): param
-        for name, param in model.state_dict(keep_vars=True).items()
-        if name.endswith(suffix) and any(part in name for part in layer_parts)
-    }
+    expected = adapter_parameters(model, adapter_name)
+    seen = set()
     for key, tensor in state_dict.items():
-        ckpt_key = checkpoint_key(key)
-        layer, _, tensor_name = ckpt_key.removeprefix(prefix).rpartition(".")
+        ckpt_key = _checkpoint_key(key, adapter_name)
+        seen.add(ckpt_key)
+        layer, _, tensor_name = ckpt_key.removeprefix(_SAVED_PREFIX).rpartition(".")
         if ckpt_key not in expected:
             return (
                 f"tensor {key!r} does not map to a FunLoRA tensor of an adapted conv of this model (layer {layer!r})."
@@ -330,10 +469,33 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
             return f"tensor {key!r} has dtype {tensor.dtype}; FunLoRA tensors are floating point."
         if not torch.isfinite(tensor).all():
             return f"tensor {key!r} holds NaN or infinite values."
-    missing = sorted(set(expected) - {checkpoint_key(key) for key in state_dict})
+    missing = sorted(set(expected) - seen)
     if missing:
         return f"the checkpoint lacks {len(missing)} tensors the config asks for, e.g. {missing[0]!r}."
     return None
+
+
+def _checkpoint_key(key: str, adapter_name: str) -> str:
+    """A state-dict key as PEFT saves it: the adapter name removed, `base_model.model.` in front."""
+    if key.rsplit(".", 1)[-1] == adapter_name:
+        key = key.removesuffix(f".{adapter_name}")
+    return key if key.startswith(_SAVED_PREFIX) else _SAVED_PREFIX + key
+
+
+def load_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy the checked tensors of `state_dict` (`check_adapter_state_dict`) into adapter `adapter_name` of `model`.
+
+    Raises a ValueError, changing nothing, when they do not fit. Unlike PEFT's `set_peft_model_state_dict`, which
+    visits the whole model's state dict, this visits the adapter's own tensors: loading a run of many tasks stays
+    linear in their number.
+    """
+    problem = check_adapter_state_dict(model, adapter_name, state_dict)
+    if problem is not None:
+        raise ValueError(problem)
+    targets = adapter_parameters(model, adapter_name)
+    with torch.no_grad():
+        for key, tensor in state_dict.items():
+            targets[_checkpoint_key(key, adapter_name)].copy_(tensor)
 
 
 def _discard_adapter(peft_model: nn.Module, adapter_name: str) -> None:
@@ -352,15 +514,22 @@ def _discard_adapter(peft_model: nn.Module, adapter_name: str) -> None:
         del peft_model.peft_config[adapter_name]
 
 
-def _reorder_unet_inputs(args: tuple, kwargs: dict, perm: torch.Tensor) -> tuple[tuple, dict]:
-    """`UNet2DModel.forward(sample, timestep, ...)` inputs with the batch permuted by `perm`."""
+def _reorder_unet_inputs(args: tuple, kwargs: dict, gather: torch.Tensor, batch_size: int) -> tuple[tuple, dict]:
+    """`UNet2DModel.forward(sample, timestep, ...)` inputs with the per-sample ones taken in the order `gather`."""
     args, kwargs = list(args), dict(kwargs)
     for position, name in enumerate(("sample", "timestep")):
         container, key = (args, position) if len(args) > position else (kwargs, name)
         value = container[key] if (container is args or key in container) else None
-        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == perm.numel():
-            container[key] = value.index_select(0, perm.to(value.device))
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch_size:
+            container[key] = value.index_select(0, gather.to(value.device))
     return tuple(args), kwargs
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU index tensor on `device`, copied without making the host wait for the device (pinned memory)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _is_excluded(result) -> bool:

@@ -84,3 +84,33 @@ def test_unet_config_refuses_what_cannot_work(kwargs, match):
     base = dict(resolution=16, num_channels=1, block_out_channels=(16, 32))
     with pytest.raises(ValueError, match=match):
         unet_config(**{**base, **kwargs})
+
+
+def test_class_balanced_batches_are_laid_out_for_one_convolution_per_conv():
+    images = torch.rand(30, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([7] * 5 + [2] * 20 + [4] * 5)  # unequal class sizes
+    batch = draw_training_batch(
+        images, labels, 12, step_generator(0, 1, 0), class_balanced=True, class_order=[4, 7, 2]
+    )
+    assert batch.class_labels.tolist() == [4, 7, 2] * 4  # slot j * C + c
+    halves = [
+        draw_training_batch(
+            images,
+            labels,
+            12,
+            step_generator(0, 1, 0),
+            class_balanced=True,
+            class_order=[4, 7, 2],
+            process_index=i,
+            num_processes=2,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    assert all(h.class_labels.tolist() == [4, 7, 2] * 2 for h in halves)
+    assert torch.equal(torch.cat([h.x_t for h in halves]), batch.x_t)
+    # the routing takes such a batch as it is: no reordering, no padding
+    model = get_peft_model(make_unet("attn"), task_adapter_config([4, 7, 2], 0, seed=0), adapter_name="task_0")
+    plan = model.base_model.routing_plan(batch.class_labels, 12)
+    assert plan.gather is None and plan.chunk == 4 and plan.class_ids == [4, 7, 2]
+    with pytest.raises(ValueError, match=r"batch of each process \(10\) to be a multiple of the 3 classes"):
+        draw_training_batch(images, labels, 10, step_generator(0, 1, 0), class_balanced=True)
