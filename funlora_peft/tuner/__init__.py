@@ -12,19 +12,27 @@ mappings under the string key "FUNLORA" is enough for `get_peft_model`, `PeftMod
 
 from __future__ import annotations
 
-from peft import mapping
+from peft import PeftModel, mapping
 
 from .config import PEFT_TYPE, FunLoRAConfig
 from .functions import FUNCTIONS, FunctionFamily, get_function
 from .layer import FunLoRALayer
-from .model import FunLoRAModel, check_adapter_state_dict
+from .model import FunLoRAModel, _guard_from_pretrained, _guard_load_adapter, check_adapter_state_dict
 
 
 def register_funlora() -> None:
-    """Register FunLoRA with PEFT; idempotent (importing `funlora_peft` calls it)."""
+    """Register FunLoRA with PEFT; idempotent (importing `funlora_peft` calls it).
+
+    Also makes `PeftModel.load_adapter` (and so `PeftModel.from_pretrained`) all or nothing for FunLoRA models:
+    `funlora_peft.tuner.model._guard_load_adapter` explains why; other tuners' calls go straight through.
+    """
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = FunLoRAConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = FunLoRAModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = FunLoRAModel.prefix
+    if not getattr(PeftModel.load_adapter, "_funlora_guard", False):
+        PeftModel.load_adapter = _guard_load_adapter(PeftModel.load_adapter)
+    if not getattr(PeftModel.from_pretrained, "_funlora_guard", False):
+        PeftModel.from_pretrained = _guard_from_pretrained(PeftModel.from_pretrained)
 
 
 register_funlora()

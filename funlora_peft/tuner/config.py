@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -9,7 +11,23 @@ from peft.config import PeftConfig
 
 from .functions import FUNCTIONS, get_function
 
-PEFT_TYPE = "FUNLORA"
+
+class _PeftTypeName(str):
+    """The peft type "FUNLORA": a plain string for PEFT's mappings and JSON, shown like PEFT's `PeftType` members.
+
+    `PeftType` is a closed enum (see `funlora_peft.tuner`); PEFT's own reports (e.g. `get_model_status`) print a
+    member as `PeftType.<NAME>` and read the name after the dot.
+    """
+
+    def __str__(self) -> str:
+        return f"PeftType.{str.__str__(self)}"
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+
+PEFT_TYPE = _PeftTypeName("FUNLORA")
 
 
 @dataclass
@@ -123,6 +141,13 @@ class FunLoRAConfig(PeftConfig):
                 f"function='linear' is a single rank-1 term, so `num_functions` must be 1, got "
                 f"{self.num_functions}; pass num_functions=1 or choose 'cos', 'rshift' or 'power'."
             )
+        for name in ("init_a_std", "init_b_std", "init_omega", "init_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"`{name}` must be a finite number, got {value!r}: a NaN or infinite initial value makes every "
+                    "output NaN."
+                )
         for name in ("init_a_std", "init_b_std"):
             value = getattr(self, name)
             if not value > 0:
@@ -130,6 +155,8 @@ class FunLoRAConfig(PeftConfig):
                     f"`{name}` must be > 0, got {value}: with a zero factor alpha gets no gradient and the adapter "
                     "never trains."
                 )
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise TypeError(f"`init_seed` must be an int or None, got {self.init_seed!r}.")
         if self.function == "power" and max(self.init_a_std, self.init_b_std) > 3:
             warnings.warn(
                 f"function='power' with init_a_std={self.init_a_std}, init_b_std={self.init_b_std}: the factors pass "
@@ -145,3 +172,11 @@ class FunLoRAConfig(PeftConfig):
                 f"`task_type` must be None for FunLoRA (it adapts image models, not PEFT's text tasks), got "
                 f"{self.task_type!r}."
             )
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """The JSON object of an `adapter_config.json`; a ValueError naming the file when it is not valid JSON."""
+        try:
+            return super().from_json_file(path_json_file, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path_json_file} is not valid JSON ({error}); save the adapter again.") from None

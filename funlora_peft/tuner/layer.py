@@ -15,8 +15,10 @@ Without gradients (sampling) the stacked class weights are built once and reused
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -24,6 +26,58 @@ from torch import nn
 
 from .config import FunLoRAConfig
 from .functions import FunctionFamily, get_function
+
+
+def as_class_id(value, argument: str = "class_label") -> int:
+    """A class id as an int: a Python int, a numpy integer or a one-element integer tensor; floats and bools are
+    refused with a TypeError naming `argument` (2.7 would otherwise silently become class 2)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(
+                f"`{argument}` must be one integer class id, got a tensor of dtype {value.dtype} and shape "
+                f"{tuple(value.shape)}."
+            )
+        return int(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"`{argument}` must hold integer class ids, got {value!r} ({type(value).__name__}); a float would be "
+            "truncated to another class."
+        )
+    return int(value)
+
+
+def as_class_labels(class_labels, batch_size: int | None = None, argument: str = "class_labels") -> torch.Tensor:
+    """`(batch,)` int64 CPU tensor of class ids from a tensor, a numpy array, a sequence of ints or one int.
+
+    One int (or a 0-dim tensor) is broadcast to `batch_size`. Floats and bools are refused with a TypeError naming
+    `argument`: a float label would otherwise be truncated to another class.
+    """
+    if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, (bool, np.bool_)):
+        if batch_size is None:
+            raise ValueError(f"`{argument}` is one class id; pass one label per sample, e.g. [{class_labels}].")
+        return torch.full((batch_size,), int(class_labels), dtype=torch.long)
+    if isinstance(class_labels, np.ndarray):
+        class_labels = torch.from_numpy(class_labels)
+    elif isinstance(class_labels, Sequence) and not isinstance(class_labels, (str, bytes)):
+        values = list(class_labels)
+        if isinstance(class_labels, tuple) and len(values) == 0 or not values:
+            raise ValueError(f"`{argument}` is empty: pass one class id per sample.")
+        class_labels = torch.tensor([as_class_id(c, argument) for c in values], dtype=torch.long)
+    if not isinstance(class_labels, torch.Tensor):
+        raise TypeError(
+            f"`{argument}` must be a tensor of shape (batch,), a list of ints or an int, got "
+            f"{type(class_labels).__name__}: {class_labels!r}."
+        )
+    if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.dtype == torch.bool:
+        raise TypeError(
+            f"`{argument}` must hold integer class ids, got dtype {class_labels.dtype}; pass e.g. labels.long()."
+        )
+    if class_labels.ndim == 0 and batch_size is not None:
+        class_labels = class_labels.expand(batch_size)
+    if class_labels.ndim != 1 or (batch_size is not None and class_labels.shape[0] != batch_size):
+        expected = f"({batch_size},), one label per sample" if batch_size is not None else "(batch,)"
+        raise ValueError(f"`{argument}` must have shape {expected}, got {tuple(class_labels.shape)}.")
+    return class_labels.detach().to("cpu", torch.long)
 
 
 @dataclass
@@ -130,6 +184,11 @@ class FunLoRALayer(BaseTunerLayer):
             )
         self.in_channels = base.in_channels
         self.out_channels = base.out_channels
+        # PEFT's names for a layer's sizes (its conv layers define them too).
+        self.in_features = base.in_channels
+        self.out_features = base.out_channels
+        # Read by PEFT's `disable_input_dtype_casting` (diffusers' layerwise casting): FunLoRA casts its own inputs.
+        self.cast_input_dtype_enabled = True
 
     def update_layer(self, adapter_name: str, config: FunLoRAConfig, layer_key: str = "") -> None:
         """Create the tensors of `adapter_name`: one row per class of `config.class_ids`.
@@ -149,7 +208,7 @@ class FunLoRALayer(BaseTunerLayer):
             self._frozen_adapters.add(adapter_name)
         # Only the new tensors get their flag here: the others keep theirs (linear in the number of adapters).
         trainable = adapter_name in self.active_adapters and adapter_name not in self._frozen_adapters
-        kwargs = dict(dtype=torch.float32)
+        kwargs = dict(dtype=torch.float32)  # drawn in fp32 whatever the base dtype, so the init does not depend on it
         a = torch.randn(num_classes, self.out_channels, generator=generator, **kwargs) * config.init_a_std
         b = torch.randn(num_classes, self.in_channels, generator=generator, **kwargs) * config.init_b_std
         tensors = {
@@ -159,8 +218,11 @@ class FunLoRALayer(BaseTunerLayer):
         }
         if family.uses_omega:
             tensors["funlora_omega"] = (config.init_omega * torch.arange(1, p + 1, **kwargs)).expand(num_classes, p)
+        # Stored in the base weight's dtype (fp32 for float8 storage); PeftModel upcasts fp16 / bf16 adapters to fp32
+        # unless `autocast_adapter_dtype=False` (`_cast_adapter_dtype`), as for PEFT's own tuners.
+        dtype = weight.dtype if weight.dtype.is_floating_point and torch.finfo(weight.dtype).bits >= 16 else None
         for store_name, tensor in tensors.items():
-            getattr(self, store_name)[adapter_name] = nn.Parameter(tensor.to(device).contiguous(), trainable)
+            getattr(self, store_name)[adapter_name] = nn.Parameter(tensor.to(device, dtype).contiguous(), trainable)
         self.funlora_function[adapter_name] = family
         self.funlora_class_ids[adapter_name] = list(config.class_ids)
         (self._trainable_adapters.add if trainable else self._trainable_adapters.discard)(adapter_name)
@@ -223,8 +285,9 @@ class FunLoRALayer(BaseTunerLayer):
     def _class_weights(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stacked class weights W_y = W0 * scale_y `(classes * out, in, s, s)` and the repeated bias."""
         base = self.get_base_layer()
+        weight = base.weight if torch.finfo(base.weight.dtype).bits >= 16 else base.weight.float()  # float8 storage
         bias = None if base.bias is None else base.bias.repeat(scales.shape[0])
-        return _stack_class_weights(base.weight, scales), bias
+        return _stack_class_weights(weight, scales), bias
 
     def _cached_class_weights(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_class_weights` without gradients, built once and kept until a tensor it depends on changes.
@@ -254,7 +317,8 @@ class FunLoRALayer(BaseTunerLayer):
         rows = torch.tensor([row], device=self.funlora_a[adapter_name].device)
         weight = self.get_base_layer().weight
         delta = self.functional_matrix(adapter_name, rows)[0]
-        return (weight.float() * delta[:, :, None, None]).to(weight.dtype)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(acc) * delta[:, :, None, None].to(acc)).to(weight.dtype)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Merging one class into the conv
@@ -280,15 +344,37 @@ class FunLoRALayer(BaseTunerLayer):
         if not adapter_names:
             raise ValueError(f"`adapter_names` must name the adapter that owns class {class_label}.")
         owner = adapter_names[0]
-        base = self.get_base_layer()
-        if owner in self.funlora_a:
-            merged = base.weight.data + self.get_delta_weight(owner, class_label)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"Merging class {class_label} of adapter {owner!r} gives non-finite weights.")
+        merged = self.merged_weight(owner, class_label)
+        if safe_merge and merged is not None and not torch.isfinite(merged).all():
+            raise ValueError(f"Merging class {class_label} of adapter {owner!r} gives non-finite weights.")
+        self._write_merged(owner, class_label, merged)
+
+    def merged_weight(self, adapter_name: str, class_label: int) -> torch.Tensor | None:
+        """W_y of `class_label`, as the conv would hold it merged; None when `adapter_name` does not adapt this conv.
+
+        Computed in at least fp32 and cast to the weight's dtype. A weight stored in a dtype of fewer than 16 bits
+        (diffusers' layerwise casting to float8) is refused: the merged weight would be quantized to it.
+        """
+        if adapter_name not in self.funlora_a:
+            return None
+        weight = self.get_base_layer().weight
+        if weight.dtype.is_floating_point and torch.finfo(weight.dtype).bits < 16:
+            raise ValueError(
+                f"This conv stores its weight as {weight.dtype} (layerwise casting): a merged W_y would be quantized "
+                "to it. Sample without merging (FunLoRAPipeline(..., merge_single_class=False)); the routed path "
+                "builds W_y in the compute dtype."
+            )
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.data.to(acc) + self.get_delta_weight(adapter_name, class_label).to(acc)).to(weight.dtype)
+
+    def _write_merged(self, adapter_name: str, class_label: int, merged: torch.Tensor | None) -> None:
+        """Put `merged` (from `merged_weight`) into the conv, keeping W0 to restore it bit-exactly."""
+        if merged is not None:
+            base = self.get_base_layer()
             self._weight_before_merge = base.weight.data.clone()
             base.weight.data = merged
-        self.merged_adapters = [owner]
-        self._merged_class = class_label
+        self.merged_adapters = [adapter_name]
+        self._merged_class = int(class_label)
 
     def unmerge(self) -> None:
         """Restore W0 exactly as it was before `merge`."""
@@ -402,6 +488,8 @@ class Conv2d(nn.Module, FunLoRALayer):
                 f"Class {self._merged_class} is merged into the convs, but the batch holds classes {plan.class_ids}; "
                 "call unmerge_adapter() to route mixed batches."
             )
+        if plan is None and not self.funlora_a:
+            return self.base_layer(x, *args, **kwargs)  # every adapter deleted: the plain conv
         if plan is None:
             raise RuntimeError(
                 "This FunLoRA layer received no class labels: call the model with `class_labels=...`, or use "
@@ -423,20 +511,26 @@ class Conv2d(nn.Module, FunLoRALayer):
         x, padding = _explicit_padding(base, x)
         classes = plan.num_classes
         grouped = x.reshape(plan.chunk, classes * self.in_channels, *x.shape[2:])  # the classes in the channels
+        # The conv's compute dtype: autocast's, else the input's when the weight is stored in fewer bits (diffusers'
+        # layerwise casting keeps float8 weights and casts them for each forward), else the weight's own.
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        elif torch.finfo(base.weight.dtype).bits < 16:
+            dtype = x.dtype
+        else:
+            dtype = base.weight.dtype
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
             with torch.autocast(x.device.type, enabled=False):  # F_y in the adapters' precision (fp32)
                 scales = self._class_scales(plan)
-            weight, bias = base.weight, base.bias
-            if torch.is_autocast_enabled(x.device.type):
-                # The conv runs in the autocast dtype; the casts are differentiable, the scales stay fp32.
-                dtype = torch.get_autocast_dtype(x.device.type)
-                grouped, weight = grouped.to(dtype), weight.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                out = _ClassConv2d.apply(grouped, weight, bias, scales, base.stride, padding, base.dilation)
+            weight, bias = base.weight.to(dtype), base.bias
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):  # the casts are differentiable, the scales stay fp32
+                out = _ClassConv2d.apply(grouped.to(dtype), weight, bias, scales, base.stride, padding, base.dilation)
         else:
             weight, bias = self._cached_class_weights(plan)
-            out = F.conv2d(grouped, weight, bias, base.stride, padding, base.dilation, classes)
+            if weight.dtype != dtype:
+                weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+            out = F.conv2d(grouped.to(dtype), weight, bias, base.stride, padding, base.dilation, classes)
         out = out.reshape(plan.chunk * classes, self.out_channels, *out.shape[2:])
         if not plan.laid_out and plan.scatter is not None:
             out = out.index_select(0, plan.scatter)

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
-from collections.abc import Sequence
+import functools
+import os
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
-from peft.utils import _get_submodules
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, _get_submodules
+from safetensors import safe_open
 from torch import nn
 
 from .config import FunLoRAConfig
-from .layer import Conv2d, FunLoRALayer, RoutingGroup, RoutingPlan
+from .layer import Conv2d, FunLoRALayer, RoutingGroup, RoutingPlan, as_class_id, as_class_labels
+
+_ROUTER_ATTRIBUTE = "_funlora_router"
+
+
+def _router_of(model: nn.Module) -> FunLoRAModel | None:
+    """The FunLoRA tuner whose hooks route `model`'s class labels, if any."""
+    return model.__dict__.get(_ROUTER_ATTRIBUTE)
 
 
 def _conv_groups(module: nn.Module) -> int:
@@ -63,13 +74,39 @@ class FunLoRAModel(BaseTuner):
     _plan_cache: tuple | None = None
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._unloaded = False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._class_table_key = None
         self._class_table: dict[int, tuple[str, int]] = {}
+        self._output_scatter: torch.Tensor | None = None
+        router = _router_of(self.model)
+        if router is not None and router is not self:
+            # Another FunLoRA tuner already routes this model (PEFT's `inject_adapter_in_model`, called once per
+            # adapter, makes one tuner per call): it routes this tuner's adapters too, with one hook pair.
+            router._peers.append(self)
+            self._routing_hook = self._restore_hook = None
+            return
         # Registered after injection; removed again by merge_and_unload / unload.
         self._routing_hook = self.model.register_forward_pre_hook(self._route_class_labels, with_kwargs=True)
         self._restore_hook = self.model.register_forward_hook(self._restore_sample_order)
-        self._output_scatter: torch.Tensor | None = None
+        self._peers: list[FunLoRAModel] = []
+        self.model.__dict__[_ROUTER_ATTRIBUTE] = self  # not a submodule: a plain reference for `_router_of`
+
+    def _remove_hooks(self) -> None:
+        for hook in (self._routing_hook, self._restore_hook):
+            if hook is not None:
+                hook.remove()
+        self._routing_hook = self._restore_hook = None
+        if self.model.__dict__.get(_ROUTER_ATTRIBUTE) is self:
+            del self.model.__dict__[_ROUTER_ATTRIBUTE]
+
+    def _all_configs(self) -> dict[str, FunLoRAConfig]:
+        """The configs of every adapter this tuner routes: its own, then those of the tuners sharing its model."""
+        configs = dict(self.peft_config)
+        for peer in getattr(self, "_peers", []):
+            for name, config in peer.peft_config.items():
+                configs.setdefault(name, config)
+        return configs
 
     # ----------------------------------------------------------------------------------------------------------------
     # Injection
@@ -178,7 +215,10 @@ class FunLoRAModel(BaseTuner):
         """Refuse an adapter whose class ids are already owned by another adapter."""
         super()._check_new_adapter_config(config)
         new_ids = set(config.class_ids)
-        for name, other in self.peft_config.items():
+        router = _router_of(self.model)
+        configs = router._all_configs() if router is not None and router is not self else {}
+        configs.update(self.peft_config)
+        for name, other in configs.items():
             if name == adapter_name or (adapter_name is None and other is config):
                 continue
             clash = sorted(new_ids & set(other.class_ids))
@@ -222,7 +262,7 @@ class FunLoRAModel(BaseTuner):
 
     def _funlora_layers(self) -> list[FunLoRALayer]:
         """The FunLoRA layers of the model, found once per change of the set of adapters (not at every forward)."""
-        key = (len(self.peft_config), tuple(self.peft_config))
+        key = tuple(self._all_configs())
         if self._layers_key != key:
             self._layers = self._funlora_layers_uncached(self.model)
             self._layers_key = key
@@ -230,10 +270,11 @@ class FunLoRAModel(BaseTuner):
 
     def class_table(self) -> dict[int, tuple[str, int]]:
         """`{class_id: (adapter_name, row)}` over all loaded adapters."""
-        key = tuple((name, tuple(cfg.class_ids)) for name, cfg in self.peft_config.items())
+        configs = self._all_configs()
+        key = tuple((name, tuple(cfg.class_ids)) for name, cfg in configs.items())
         if key != self._class_table_key:
             table = {}
-            for name, cfg in self.peft_config.items():
+            for name, cfg in configs.items():
                 for row, class_id in enumerate(cfg.class_ids):
                     table[class_id] = (name, row)
             self._class_table, self._class_table_key = table, key
@@ -251,7 +292,7 @@ class FunLoRAModel(BaseTuner):
         synchronisation (a CUDA tensor of labels is copied to the CPU once). The last plan is reused while the same
         labels come again (the steps of a sampling loop).
         """
-        labels = _as_label_tensor(class_labels, batch_size)
+        labels = as_class_labels(class_labels, batch_size)
         table = self.class_table()
         device = self._adapter_device()
         cache_key = (labels.numpy().tobytes(), self._class_table_key, device)
@@ -265,7 +306,8 @@ class FunLoRAModel(BaseTuner):
                 "Load the adapter of the task that owns them (e.g. `load_adapter`)."
             )
         # Order the classes by adapter (in loading order), then by row, so each adapter's rows are contiguous.
-        adapter_order = {name: i for i, name in enumerate(self.peft_config)}
+        configs = self._all_configs()
+        adapter_order = {name: i for i, name in enumerate(configs)}
         count_of = dict(zip(unique.tolist(), counts.tolist()))
         present = sorted(count_of, key=lambda c: (adapter_order[table[c][0]], table[c][1]))
         rows_of: dict[str, list[int]] = {}
@@ -320,7 +362,12 @@ class FunLoRAModel(BaseTuner):
             # UNet2DModel.forward(sample, timestep, class_labels, ...): the labels may come positionally.
             class_labels, args = args[2], args[:2] + args[3:]
         layers = self._funlora_layers()
-        if not layers or all(layer.disable_adapters for layer in layers):
+        if not layers or all(layer.disable_adapters for layer in layers) or not self.class_table():
+            if class_labels is not None and layers and not self.class_table():
+                raise ValueError(
+                    "`class_labels` were given, but no adapter is loaded (every one was deleted): add or load an "
+                    "adapter, or call the model without class labels for the base model's output."
+                )
             for layer in layers:
                 layer._routing = None
             return args, kwargs
@@ -330,8 +377,7 @@ class FunLoRAModel(BaseTuner):
                 "model(x_t, timestep, class_labels=labels). For the base model's output use "
                 "`with model.disable_adapter(): ...`."
             )
-        sample = args[0] if args else kwargs.get("sample")
-        plan = self.routing_plan(class_labels, batch_size=sample.shape[0])
+        plan = self.routing_plan(class_labels, batch_size=_batch_size(args, kwargs))
         if plan.gather is not None and isinstance(module, UNet2DModel):
             # Every op of a UNet2DModel treats samples independently, so the batch is laid out once here (and put
             # back in the caller's order once in `_restore_sample_order`) rather than at every adapted conv.
@@ -356,56 +402,102 @@ class FunLoRAModel(BaseTuner):
     # Merging and unloading
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False, class_label: int | None = None) -> None:
-        """Write W_y of `class_label` into every adapted conv (a batch of that class then runs at plain-UNet cost)."""
+        """Write W_y of `class_label` into every adapted conv (a batch of that class then runs at plain-UNet cost).
+
+        All or nothing: every conv's merged weight is computed (and, with `safe_merge`, checked to be finite) before
+        the first one is written. A class already merged is a no-op; another merged class must be unmerged first.
+        """
         owner = self._owner_of(class_label)
-        for layer in self._funlora_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=[owner], class_label=class_label)
+        class_label = as_class_id(class_label)
+        layers = self._funlora_layers()
+        merged_classes = {layer._merged_class for layer in layers if layer.merged}
+        if merged_classes == {class_label}:
+            return
+        if merged_classes:
+            raise ValueError(
+                f"Class {merged_classes.pop()} is already merged into the convs; call unmerge_adapter() before "
+                f"merging class {class_label}."
+            )
+        weights = [layer.merged_weight(owner, class_label) for layer in layers]
+        if safe_merge:
+            for (name, _), weight in zip(self._named_funlora_layers(), weights):
+                if weight is not None and not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"Merging class {class_label} of adapter {owner!r} gives non-finite weights in {name!r}; "
+                        "nothing was merged."
+                    )
+        for layer, weight in zip(layers, weights):
+            layer._write_merged(owner, class_label, weight)
 
     def unmerge_adapter(self) -> None:
         """Restore every conv's W0 bit-exactly."""
         for layer in self._funlora_layers():
             layer.unmerge()
 
+    def _named_funlora_layers(self) -> list[tuple[str, FunLoRALayer]]:
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, FunLoRALayer)]
+
     def _owner_of(self, class_label) -> str:
+        """The adapter owning `class_label` (checked: an integer class id of a loaded adapter)."""
+        if self._unloaded:
+            raise ValueError(
+                "This FunLoRA model was already unloaded (merge_and_unload / unload returned its base model): it has "
+                "no adapters left to merge. Load the adapters again, e.g. FunLoRAPipeline.from_pretrained(run)."
+            )
         if class_label is None:
             raise ValueError(
                 "FunLoRA merges one class at a time: pass `class_label`, e.g. merge_and_unload(class_label=3)."
             )
+        class_label = as_class_id(class_label)
         table = self.class_table()
-        if isinstance(class_label, torch.Tensor):
-            class_label = class_label.item()
-        if int(class_label) not in table:
+        if class_label not in table:
             raise ValueError(
                 f"class_label={class_label} is owned by no loaded adapter. Known class ids: {sorted(table)}."
             )
-        return table[int(class_label)][0]
+        return table[class_label][0]
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None, class_label: int | None = None
     ) -> nn.Module:
-        """Return the plain base model with W_y of `class_label` written into its convs (FunLoRA layers removed)."""
+        """Return the plain base model with W_y of `class_label` written into its convs (FunLoRA layers removed).
+
+        All or nothing: with `safe_merge`, a non-finite merged weight in any conv leaves the model as it was.
+        """
         owner = self._owner_of(class_label)
-        return self._unload_and_optionally_merge(
-            merge=True, safe_merge=safe_merge, class_label=class_label, owner=owner
-        )
+        class_label = as_class_id(class_label)
+        weights = [layer.merged_weight(owner, class_label) for layer in self._funlora_layers()]
+        if safe_merge:
+            for (name, _), weight in zip(self._named_funlora_layers(), weights):
+                if weight is not None and not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"Merging class {class_label} of adapter {owner!r} gives non-finite weights in {name!r}; the "
+                        "model is left as it was."
+                    )
+        self.unmerge_adapter()
+        return self._unload_and_optionally_merge(merge=True, weights=weights)
 
     def unload(self) -> nn.Module:
         """Return the base model with the FunLoRA layers removed and W0 untouched."""
         return self._unload_and_optionally_merge(merge=False)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None, **kw):
-        if merge:
-            self.unmerge_adapter()
-        for key in [name for name, m in self.model.named_modules() if isinstance(m, FunLoRALayer)]:
-            parent, target, target_name = _get_submodules(self.model, key)
-            if merge:
-                target.merge(safe_merge=safe_merge, adapter_names=[kw["owner"]], class_label=kw["class_label"])
-                target._weight_before_merge = None  # the merged weight is now the base model's own
-            setattr(parent, target_name, target.get_base_layer())
-        self._routing_hook.remove()
-        self._restore_hook.remove()
+        if self._unloaded:
+            raise ValueError(
+                "This FunLoRA model was already unloaded: merge_and_unload / unload returned its base model once."
+            )
+        layers = self._named_funlora_layers()
+        weights = kw.get("weights") or [None] * len(layers)
+        for (key, layer), weight in zip(layers, weights):
+            parent, _, target_name = _get_submodules(self.model, key)
+            base = layer.get_base_layer()
+            if merge and weight is not None:
+                base.weight.data = weight  # W_y is now the base model's own weight
+            setattr(parent, target_name, base)
+        self._remove_hooks()
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
+        self._unloaded = True
+        self._layers_key = None
         return self.model
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -501,7 +593,7 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[s
 def _discard_adapter(peft_model: nn.Module, adapter_name: str) -> None:
     """Remove `adapter_name` after a failed load; unwrap the model entirely when it was the only adapter."""
     tuner = getattr(peft_model, "base_model", None)
-    if not isinstance(tuner, FunLoRAModel):
+    if not isinstance(tuner, FunLoRAModel) or tuner._unloaded or adapter_name not in tuner.peft_config:
         return
     if list(tuner.peft_config) == [adapter_name]:
         tuner.unload()
@@ -536,29 +628,119 @@ def _is_excluded(result) -> bool:
     return type(result).__name__ == "_ExcludedModule"
 
 
-def _as_label_tensor(class_labels, batch_size: int) -> torch.Tensor:
-    """`(batch,)` int64 CPU tensor from a tensor, a list of ints or one int (broadcast to the batch)."""
-    if isinstance(class_labels, bool):
-        raise TypeError(f"class_labels must be integer class ids, got {class_labels!r}.")
-    if isinstance(class_labels, int):
-        return torch.full((batch_size,), class_labels, dtype=torch.long)
-    if isinstance(class_labels, Sequence) and not isinstance(class_labels, str):
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in class_labels):
-            raise TypeError(f"class_labels must be integer class ids, got {list(class_labels)!r}.")
-        class_labels = torch.tensor(list(class_labels), dtype=torch.long)
-    if not isinstance(class_labels, torch.Tensor):
-        raise TypeError(
-            f"class_labels must be a tensor of shape (batch,), a list of ints or an int, got "
-            f"{type(class_labels).__name__}."
-        )
-    if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.dtype == torch.bool:
-        raise TypeError(
-            f"class_labels must hold integer class ids, got dtype {class_labels.dtype}; pass e.g. labels.long()."
-        )
-    if class_labels.ndim == 0:
-        class_labels = class_labels.expand(batch_size)
-    if class_labels.ndim != 1 or class_labels.shape[0] != batch_size:
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The batch size of a model call: the first dimension of its first tensor argument (`sample` for a UNet)."""
+    candidates = list(args) + [kwargs[key] for key in ("sample", *kwargs) if key in kwargs]
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return value.shape[0]
+    raise ValueError(
+        "FunLoRA found no batched tensor among the model's inputs to match `class_labels` against; pass the "
+        "model's input tensor (e.g. the UNet's `sample`)."
+    )
+
+
+def check_adapter_files(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> None:
+    """Refuse an adapter whose weights are not a readable `adapter_model.safetensors`, before anything is loaded.
+
+    FunLoRA adapters are safetensors only: PEFT falls back to `adapter_model.bin` through `torch.load` (unpickling)
+    when no safetensors file is present, which this refuses. A local folder is checked in place (the file exists and
+    its header reads); for a Hub repo the safetensors file is fetched first (it lands in the cache PEFT then reads).
+    """
+    folder = Path(model_id) / (subfolder or "")
+    if Path(model_id).is_dir():
+        weights = folder / SAFETENSORS_WEIGHTS_NAME
+        if not weights.is_file():
+            pickled = [name for name in (WEIGHTS_NAME, "adapter_model.pt") if (folder / name).is_file()]
+            if pickled:
+                raise ValueError(
+                    f"{folder / pickled[0]}: FunLoRA loads adapters from safetensors only, never from pickle files. "
+                    "Save the adapter again with save_pretrained (it writes adapter_model.safetensors)."
+                )
+            raise ValueError(f"{weights} is missing: a FunLoRA adapter folder holds {SAFETENSORS_WEIGHTS_NAME}.")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        allowed = {
+            key: hub_kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in hub_kwargs
+        }
+        try:
+            weights = Path(hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **allowed))
+        except Exception as error:  # noqa: BLE001 - the Hub raises many types; the message says what to check
+            raise ValueError(
+                f"Could not get {SAFETENSORS_WEIGHTS_NAME} of {model_id!r} ({type(error).__name__}: {error}); FunLoRA "
+                "loads adapters from safetensors only."
+            ) from error
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
         raise ValueError(
-            f"class_labels must have shape ({batch_size},), one label per sample, got {tuple(class_labels.shape)}."
+            f"{weights} cannot be read as safetensors ({error}); the file is truncated or corrupted."
+        ) from None
+
+
+def _guard_load_adapter(load_adapter):
+    """`PeftModel.load_adapter`, made all or nothing for FunLoRA models (other tuners go straight through).
+
+    PEFT's load path falls back to pickle files, leaves a half-loaded adapter (and, from `PeftModel.from_pretrained`,
+    a wrapped model) behind when the weights cannot be read, and loads into an adapter name in use, which for FunLoRA
+    would silently give one task's classes another task's tensors. For a FunLoRA model this refuses a name already
+    loaded and weights that are not a readable safetensors file before anything is loaded, and on any failure removes
+    the adapter it was loading (unwrapping the model when it was the only one).
+    """
+
+    @functools.wraps(load_adapter)
+    def guarded(self, model_id, adapter_name, *args, **kwargs):
+        tuner = getattr(self, "base_model", None)
+        if not isinstance(tuner, FunLoRAModel):
+            return load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        fresh = _FROM_PRETRAINED.get()  # from_pretrained injected this adapter a moment ago: its weights are due now
+        token = _FROM_PRETRAINED.set(False)
+        try:
+            return _load_all_or_nothing(load_adapter, self, model_id, adapter_name, fresh, *args, **kwargs)
+        finally:
+            _FROM_PRETRAINED.reset(token)
+
+    guarded._funlora_guard = True
+    return guarded
+
+
+def _load_all_or_nothing(load_adapter, peft_model, model_id, adapter_name, fresh, *args, **kwargs):
+    """Refuse a name in use (unless `fresh`) and unreadable weights, load, and on failure remove the adapter."""
+    if adapter_name in peft_model.peft_config and not fresh:
+        classes = peft_model.peft_config[adapter_name].class_ids
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already loaded (classes {classes}): loading other weights under its "
+            f"name would give its classes another task's tensors. Load under a new name, or "
+            f"delete_adapter({adapter_name!r}) first."
         )
-    return class_labels.detach().to("cpu", torch.long)
+    try:
+        check_adapter_files(model_id, **kwargs)
+        return load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
+    except Exception:
+        _discard_adapter(peft_model, adapter_name)
+        raise
+
+
+_FROM_PRETRAINED = contextvars.ContextVar("funlora_from_pretrained", default=False)
+
+
+def _guard_from_pretrained(from_pretrained):
+    """`PeftModel.from_pretrained`, marked so that its own `load_adapter` call may fill the adapter it just created.
+
+    `from_pretrained` wraps the model (injecting the adapter with its initial values) and then loads the weights under
+    the same name; any other `load_adapter` into a name in use is refused (see `_guard_load_adapter`).
+    """
+    function = from_pretrained.__func__
+
+    @functools.wraps(function)
+    def guarded(cls, *args, **kwargs):
+        token = _FROM_PRETRAINED.set(True)
+        try:
+            return function(cls, *args, **kwargs)
+        finally:
+            _FROM_PRETRAINED.reset(token)
+
+    guarded._funlora_guard = True
+    return classmethod(guarded)
