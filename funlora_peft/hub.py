@@ -26,6 +26,7 @@ from .run_folder import (
     IMPORTANCE_PLOT,
     INDEX_FILE,
     MODEL_CARD_FILE,
+    SCHEDULER_SUBFOLDER,
     RunIndex,
     read_importance,
     read_index,
@@ -108,7 +109,8 @@ def download_run(
     kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     _, index = download_index(repo_id, **kwargs)
     backbone = index.backbone or BACKBONE_SUBFOLDER
-    patterns = [INDEX_FILE, f"{backbone}/*"] + [f"{task.name}/*" for task in select_tasks(index, tasks)]
+    patterns = [INDEX_FILE, f"{backbone}/*", f"{SCHEDULER_SUBFOLDER}/*"]
+    patterns += [f"{task.name}/*" for task in select_tasks(index, tasks)]
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns, local_dir=local_dir, **kwargs)
     except Exception as err:  # noqa: BLE001
@@ -131,7 +133,7 @@ def _files_under(folder: Path, sub: str) -> list[str]:
 def _partial_index(index: RunIndex, upto: int) -> RunIndex:
     """The index of the run as it stood after task `upto`: tasks 0..upto and the sha256 of their files only."""
     tasks = index.tasks[: upto + 1]
-    prefixes = tuple(f"{sub}/" for sub in [index.backbone] + [task.name for task in tasks])
+    prefixes = tuple(f"{sub}/" for sub in [index.backbone, SCHEDULER_SUBFOLDER] + [task.name for task in tasks])
     return RunIndex(
         format_version=index.format_version,
         backbone=index.backbone,
@@ -203,7 +205,7 @@ def push_to_hub(
     pushed = [index.backbone] + [task.name for task in entries]
     for sub in pushed:
         for relpath in _files_under(folder, sub):
-            if relpath.endswith(".safetensors"):
+            if relpath.endswith(".safetensors") or relpath in index.sha256:
                 verify_file(folder, relpath, index)
 
     api = api if api is not None else HfApi(token=token)
@@ -221,6 +223,8 @@ def push_to_hub(
         position = index.task_names.index(task.name)
         partial = _partial_index(index, position)
         subfolders = ([index.backbone] if with_backbone else []) + [task.name]
+        if with_backbone and (folder / SCHEDULER_SUBFOLDER).is_dir():
+            subfolders.append(SCHEDULER_SUBFOLDER)
         operations = [
             CommitOperationAdd(path_in_repo=relpath, path_or_fileobj=str(folder / relpath))
             for sub in subfolders

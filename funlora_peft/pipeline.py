@@ -8,27 +8,43 @@ classes asked for.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, UNet2DModel
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    ImagePipelineOutput,
+    UNet2DModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .continual.evaluation import generate_per_class
 from .flow_matching import scheduler_timestep_to_model_timestep, velocity_to_scheduler
-from .run_folder import RunIndex, attach_tasks, load_backbone, read_index
+from .run_folder import RunIndex, attach_tasks, load_backbone, load_scheduler, read_index, save_run
+from .tuner.layer import as_class_id, as_class_labels
+from .tuner.model import FunLoRAModel, _router_of
+
+_SCHEDULERS = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
+_HUB_KWARGS = ("token", "cache_dir", "local_files_only")
 
 
 class FunLoRAPipeline(DiffusionPipeline):
     """Sample images of any loaded class from a UNet2DModel conditioned by FunLoRA adapters.
 
-    The pipeline holds the BASE UNet (diffusers cannot save a PeftModel component) and attaches the adapters itself;
-    `peft_model` is the PeftModel wrapping it. The flow is integrated with a `FlowMatchEulerDiscreteScheduler` (or its
-    Heun variant) on a uniform sigma grid; the conversion between the scheduler's convention and the model's
-    (`funlora_peft.flow_matching`) happens here only.
+    The pipeline holds the BASE UNet (diffusers cannot save a PeftModel component); the adapters live in its convs and
+    the FunLoRA tuner that routes them is found on the UNet itself, so `FunLoRAPipeline(**pipe.components)` and
+    `FunLoRAPipeline.from_pipe(pipe)` sample the same classes. `peft_model` is the PeftModel wrapping the UNet when
+    the pipeline was loaded with `from_pretrained`. The flow is integrated with diffusers'
+    `FlowMatchEulerDiscreteScheduler` on a uniform sigma grid (the steps of `funlora_peft.flow_matching.sample_ode`)
+    or its `FlowMatchHeunDiscreteScheduler` on its own grid (2 UNet evaluations per step but the last); the
+    conversion between the schedulers' convention and the model's happens here only. `save_pretrained` writes the
+    run-folder layout (`funlora_peft.run_folder`) that `from_pretrained` reads.
 
     Example:
 
@@ -37,6 +53,7 @@ class FunLoRAPipeline(DiffusionPipeline):
         >>> pipe = FunLoRAPipeline.from_pretrained("runs/digits")                       # every task
         >>> pipe = FunLoRAPipeline.from_pretrained("runs/digits", tasks=["task_0", "task_2"])
         >>> images = pipe(class_labels=[3, 7, 7], num_inference_steps=20, generator=torch.manual_seed(0)).images
+        >>> pipe.save_pretrained("runs/copy")                                           # a run folder again
         ```
     """
 
@@ -44,13 +61,23 @@ class FunLoRAPipeline(DiffusionPipeline):
 
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler, id2label: dict | None = None):
         super().__init__()
+        if not isinstance(scheduler, _SCHEDULERS):
+            raise TypeError(
+                f"FunLoRAPipeline samples with FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler "
+                f"(flow matching), got {type(scheduler).__name__}."
+            )
         self.register_modules(unet=unet, scheduler=scheduler)
         self.peft_model = None
         self.index: RunIndex | None = None
         self.id2label = {int(k): v for k, v in (id2label or {}).items()}
 
+    @property
+    def tuner(self) -> FunLoRAModel | None:
+        """The FunLoRA tuner routing the UNet's class labels, or None when no adapter is attached to it."""
+        return _router_of(self.unet) if self.unet is not None else None
+
     # ----------------------------------------------------------------------------------------------------------------
-    # Loading
+    # Loading and saving
 
     @classmethod
     def from_pretrained(
@@ -58,30 +85,59 @@ class FunLoRAPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         tasks: list[str] | None = None,
         revision: str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         scheduler=None,
-        **hub_kwargs,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
     ) -> FunLoRAPipeline:
         """Load a run folder, or a Hub repo with the same layout, with the adapters of `tasks` (all when None).
 
-        For a Hub repo only the index, the backbone and the named tasks are downloaded.
+        For a Hub repo only the index, the backbone and the named tasks are downloaded (`token`, `cache_dir` and
+        `local_files_only` go to the Hub). `dtype` (diffusers' spelling; `torch_dtype` is the older alias) loads the
+        backbone in that dtype; the adapters stay fp32. The scheduler is the run's own when it saved one
+        (`save_pretrained`), else a `FlowMatchEulerDiscreteScheduler`; `scheduler=` overrides both.
         """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"`dtype`={dtype} and its older alias `torch_dtype`={torch_dtype} disagree; pass one.")
+        dtype = dtype if dtype is not None else torch_dtype
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        if kwargs:
+            warnings.warn(
+                f"FunLoRAPipeline.from_pretrained does not use {sorted(kwargs)} and ignores them; it takes tasks, "
+                f"revision, dtype, scheduler and the Hub's {list(_HUB_KWARGS)}.",
+                stacklevel=2,
+            )
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             from .hub import download_run
 
             folder = download_run(str(pretrained_model_name_or_path), tasks=tasks, revision=revision, **hub_kwargs)
         index = read_index(folder)
-        unet = load_backbone(folder, index, torch_dtype=torch_dtype)
-        pipe = cls(unet=unet, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), id2label=index.class_names)
+        unet = load_backbone(folder, index, torch_dtype=dtype)
+        if scheduler is None:
+            scheduler = load_scheduler(folder, index) or FlowMatchEulerDiscreteScheduler()
+        pipe = cls(unet=unet, scheduler=scheduler, id2label=index.class_names)
         pipe.index = index
         pipe.peft_model = attach_tasks(unet, folder, tasks, index=index)
         return pipe
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the pipeline as a run folder (backbone, one folder per adapter, the index, the scheduler's config):
+        the layout `from_pretrained` reads, so that saving and loading again gives the same samples."""
+        if self.tuner is None:
+            raise ValueError("No adapters are attached to the UNet: there is no FunLoRA run to save.")
+        unknown = sorted(set(kwargs) - {"safe_serialization", "push_to_hub"})
+        if unknown or kwargs.get("push_to_hub") or kwargs.get("safe_serialization") is False:
+            raise ValueError(
+                f"FunLoRAPipeline.save_pretrained writes a run folder (safetensors only) and takes no "
+                f"{unknown or kwargs}; push a run to the Hub with funlora_peft.push_to_hub(folder, repo_id)."
+            )
+        save_run(self.tuner, save_directory, class_names=self.id2label, scheduler=self.scheduler)
+
     @property
     def class_ids(self) -> list[int]:
         """The class ids the loaded adapters can sample."""
-        return self.peft_model.base_model.class_ids if self.peft_model is not None else []
+        return self.tuner.class_ids if self.tuner is not None else []
 
     @property
     def labels(self) -> dict[str, int]:
@@ -100,11 +156,17 @@ class FunLoRAPipeline(DiffusionPipeline):
     # Sampling
 
     def _check_labels(self, class_labels) -> list[int]:
-        if isinstance(class_labels, int) or isinstance(class_labels, str):
+        if class_labels is None:
+            raise ValueError("`class_labels` is required: pass the class id (or name) of every image to generate.")
+        if isinstance(class_labels, str):
             class_labels = [class_labels]
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.tolist()
-        labels = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
+        if isinstance(class_labels, (list, tuple)) and any(isinstance(c, str) for c in class_labels):
+            labels = [
+                self.get_label_ids(c)[0] if isinstance(c, str) else as_class_id(c, "class_labels")
+                for c in class_labels
+            ]
+        else:
+            labels = as_class_labels(class_labels, 1 if isinstance(class_labels, int) else None).tolist()
         if not labels:
             raise ValueError("`class_labels` is empty: pass at least one class id.")
         unknown = sorted({c for c in labels if c not in self.class_ids})
@@ -122,6 +184,12 @@ class FunLoRAPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels {unknown} are not loaded (loaded: {self.class_ids}).{hint}")
         return labels
 
+    def _can_merge(self) -> bool:
+        """Whether writing W_y into the convs is exact: no conv stores its weight in fewer than 16 bits (float8)."""
+        return all(
+            torch.finfo(layer.get_base_layer().weight.dtype).bits >= 16 for layer in self.tuner._funlora_layers()
+        )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -137,31 +205,48 @@ class FunLoRAPipeline(DiffusionPipeline):
         Args:
             class_labels: global class ids (or names), may mix classes of several tasks.
             num_inference_steps: ODE steps; the number of UNet evaluations (NFE) for the Euler scheduler.
-            generator: torch generator(s) for the initial noise.
+            generator: torch generator(s) for the initial noise; a list needs one generator per image.
             output_type: "pil", "np" (`(batch, height, width, channels)` in [0, 1]) or "pt"
                 (`(batch, channels, height, width)` in [0, 1]).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             merge_single_class: when the batch holds a single class, write that class's weights into the convs for
-                the whole loop (plain-UNet speed), and restore W0 afterwards.
+                the whole loop (plain-UNet speed), and restore W0 afterwards. Skipped when a conv stores its weight
+                in float8 (diffusers' layerwise casting), where the routed path is exact.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise TypeError(
+                f"`num_inference_steps` must be an integer number of steps, got {num_inference_steps!r} "
+                f"({type(num_inference_steps).__name__})."
+            )
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        if self.peft_model is None:
-            raise ValueError("No adapters are attached: load the pipeline with FunLoRAPipeline.from_pretrained(...).")
+        if self.tuner is None:
+            raise ValueError(
+                "No adapters are attached to the UNet: load a run with FunLoRAPipeline.from_pretrained(...), or build "
+                "the pipeline from a UNet that carries FunLoRA adapters."
+            )
         labels = self._check_labels(class_labels)
+        if isinstance(generator, list) and len(generator) != len(labels):
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
+                f"size of {len(labels)}. Make sure the batch size matches the length of the generators."
+            )
         config = self.unet.config
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
         x = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         # On the CPU: the adapters plan their routing on the host, with no device synchronisation.
         label_tensor = torch.tensor(labels)
 
-        # A uniform grid from sigma = 1 (noise) to 0 (data): the same steps as funlora_peft.flow_matching.sample_ode.
-        sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=self._execution_device)
-        tuner = self.peft_model.base_model
-        merged = merge_single_class and len(set(labels)) == 1
+        if isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
+            self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        else:
+            # A uniform grid from sigma = 1 (noise) to 0 (data): the steps of funlora_peft.flow_matching.sample_ode.
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+            self.scheduler.set_timesteps(sigmas=sigmas, device=self._execution_device)
+        tuner = self.tuner
+        merged = merge_single_class and len(set(labels)) == 1 and self._can_merge()
         if merged:
             tuner.merge_adapter(class_label=labels[0])
         try:

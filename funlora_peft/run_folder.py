@@ -4,9 +4,10 @@ A run folder (or a Hub model repo with the same files) holds a backbone and one 
 
 ```
 funlora.json         index: format version, tasks in order with their class ids, function, p, target layers,
-                     backbone subfolder, class names, sha256 of every safetensors file
+                     backbone subfolder, class names, sha256 of every file of backbone/, task_k/ and scheduler/
 backbone/            UNet2DModel config + diffusion_pytorch_model.safetensors
 task_0/, task_1/...  adapter_config.json + adapter_model.safetensors, one folder per task (PEFT's adapter format)
+scheduler/           the sampler's scheduler config, when a pipeline saved it (`FunLoRAPipeline.save_pretrained`)
 metrics.json         the evaluation after each task (`funlora_peft.continual.evaluation.ContinualMetrics`)
 importance.json      the layer scores and the convs later tasks adapt (`funlora_peft.continual.importance`)
 importance.png       their bar plot
@@ -31,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -44,16 +46,21 @@ import torch
 from diffusers import UNet2DModel
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .continual.evaluation import ContinualMetrics
 from .continual.importance import ImportanceRecord
 from .tuner.config import FunLoRAConfig
-from .tuner.model import FunLoRAModel, load_adapter_tensors
+from .tuner.model import FunLoRAModel, _router_of, adapter_parameters, load_adapter_tensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file of the backbone, the tasks and the scheduler is hashed (1: the weights only)
+READABLE_FORMATS = (1, 2)
 INDEX_FILE = "funlora.json"
 BACKBONE_SUBFOLDER = "backbone"
+BACKBONE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+BACKBONE_CONFIG = "config.json"
+SCHEDULER_SUBFOLDER = "scheduler"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METRICS_FILE = "metrics.json"
@@ -112,6 +119,8 @@ def write_folder_atomic(folder: str | os.PathLike, write: Callable[[Path], objec
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a writer killed part way
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -213,10 +222,11 @@ def write_index(folder: str | os.PathLike, tasks: list[TaskEntry], class_names: 
     folder = Path(folder)
     index = RunIndex(tasks=list(tasks), class_names=dict(class_names or {}))
     _check_unique_classes(index, source=str(folder / INDEX_FILE))
-    subfolders = [BACKBONE_SUBFOLDER] + [task.name for task in tasks]
+    subfolders = [BACKBONE_SUBFOLDER, SCHEDULER_SUBFOLDER] + [task.name for task in tasks]
     for sub in subfolders:
-        for path in sorted((folder / sub).glob("*.safetensors")):
-            index.sha256[path.relative_to(folder).as_posix()] = sha256_of(path)
+        for path in sorted((folder / sub).glob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                index.sha256[path.relative_to(folder).as_posix()] = sha256_of(path)
     text = index.to_json()
     return write_file_atomic(folder / INDEX_FILE, lambda tmp: tmp.write_text(text))
 
@@ -233,13 +243,13 @@ def read_index(folder: str | os.PathLike) -> RunIndex:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is malformed: it holds {type(data).__name__}, not a JSON object.")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_FORMATS:
         raise ValueError(
-            f"{path}: unknown format_version {version!r}; this version of funlora-peft reads format {FORMAT_VERSION}. "
-            "Upgrade funlora-peft or re-export the run."
+            f"{path}: unknown format_version {version!r}; this version of funlora-peft reads formats "
+            f"{list(READABLE_FORMATS)}. Upgrade funlora-peft or re-export the run."
         )
     try:
-        tasks = [TaskEntry(**task) for task in data["tasks"]]
+        tasks = [_task_entry(task) for task in data["tasks"]]
         index = RunIndex(
             format_version=version,
             backbone=data.get("backbone", BACKBONE_SUBFOLDER),
@@ -251,6 +261,29 @@ def read_index(folder: str | os.PathLike) -> RunIndex:
         raise ValueError(f"{path} is malformed ({err!r}).") from None
     _check_unique_classes(index, source=str(path))
     return index
+
+
+def _task_entry(data) -> TaskEntry:
+    """A task of the index, its fields checked: a task named like a folder, distinct integer class ids, ..."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a task must be a JSON object, got {data!r}")
+    entry = TaskEntry(**data)
+    if not isinstance(entry.name, str) or not entry.name or "/" in entry.name or entry.name.startswith("."):
+        raise ValueError(f"task name {entry.name!r} is not a folder name")
+    ids = entry.class_ids
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids)
+    ):
+        raise ValueError(f"task {entry.name!r}: class_ids {ids!r} must be a list of non-negative integers")
+    if (
+        not isinstance(entry.function, str)
+        or isinstance(entry.num_functions, bool)
+        or not isinstance(entry.num_functions, int)
+    ):
+        raise ValueError(f"task {entry.name!r}: function {entry.function!r} / num_functions {entry.num_functions!r}")
+    return entry
 
 
 def _check_unique_classes(index: RunIndex, source: str) -> None:
@@ -293,29 +326,66 @@ def verify_file(folder: Path, relpath: str, index: RunIndex) -> None:
         )
 
 
+def _required_files(index: RunIndex, sub: str, names: tuple[str, ...]) -> list[str]:
+    """The files of `sub` the index must hash: the weights always, every other file in format 2."""
+    required = [f"{sub}/{names[0]}"]
+    if index.format_version >= 2:
+        required += [f"{sub}/{name}" for name in names[1:]]
+    listed = sorted(k for k in index.sha256 if k.startswith(sub + "/"))
+    return sorted(set(required) | set(listed))
+
+
 def load_backbone(folder: str | os.PathLike, index: RunIndex | None = None, torch_dtype=None) -> UNet2DModel:
-    """The run's base UNet2DModel, from safetensors only, after checking its sha256."""
+    """The run's base UNet2DModel, from safetensors only, after checking the sha256 of its weights and config."""
     folder = Path(folder)
     index = index or read_index(folder)
-    for relpath in [k for k in index.sha256 if k.startswith(index.backbone + "/")]:
+    for relpath in _required_files(index, index.backbone, (BACKBONE_WEIGHTS, BACKBONE_CONFIG)):
         verify_file(folder, relpath, index)
-    return UNet2DModel.from_pretrained(folder / index.backbone, use_safetensors=True, torch_dtype=torch_dtype)
+    try:
+        return UNet2DModel.from_pretrained(folder / index.backbone, use_safetensors=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{folder / index.backbone} is no loadable UNet2DModel ({error}).") from None
+
+
+def load_scheduler(folder: str | os.PathLike, index: RunIndex | None = None):
+    """The run's flow-matching scheduler (`scheduler/`, written by `FunLoRAPipeline.save_pretrained`), or None."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    folder = Path(folder)
+    index = index or read_index(folder)
+    relpath = f"{SCHEDULER_SUBFOLDER}/scheduler_config.json"
+    if relpath not in index.sha256:
+        return None
+    verify_file(folder, relpath, index)
+    config = read_json(folder / relpath)
+    kinds = {cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind not in kinds:
+        raise ValueError(f"{folder / relpath}: scheduler {kind!r} is none of the flow-matching ones {sorted(kinds)}.")
+    return kinds[kind].from_config(config)
 
 
 def read_adapter(folder: Path, task: TaskEntry, index: RunIndex) -> tuple[FunLoRAConfig, dict[str, torch.Tensor]]:
     """The config and tensors of one task's adapter, after the sha256 and consistency checks."""
     sub = folder / task.name
-    relpath = f"{task.name}/{ADAPTER_WEIGHTS}"
-    verify_file(folder, relpath, index)
-    config = FunLoRAConfig.from_pretrained(sub)
-    if sorted(config.class_ids) != sorted(task.class_ids):
+    for relpath in _required_files(index, task.name, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)):
+        verify_file(folder, relpath, index)
+    try:
+        config = FunLoRAConfig.from_pretrained(sub)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{sub / ADAPTER_CONFIG} is no readable FunLoRA adapter config ({error}).") from None
+    if list(config.class_ids) != list(task.class_ids):
         raise ValueError(
-            f"{sub / ADAPTER_CONFIG}: class_ids {config.class_ids} differ from {task.class_ids} in {INDEX_FILE}."
+            f"{sub / ADAPTER_CONFIG}: class_ids {config.class_ids} differ from {task.class_ids} in {INDEX_FILE} "
+            "(the order matters: row k of every tensor is the k-th class)."
         )
     tensors = {}
-    with safe_open(sub / ADAPTER_WEIGHTS, framework="pt") as handle:
-        for key in handle.keys():
-            tensors[key] = handle.get_tensor(key)
+    try:
+        with safe_open(sub / ADAPTER_WEIGHTS, framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
+        raise ValueError(f"{sub / ADAPTER_WEIGHTS} cannot be read as safetensors ({error}).") from None
     return config, tensors
 
 
@@ -358,9 +428,22 @@ def attach_tasks(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def backbone_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The wrapped UNet's own tensors under plain `UNet2DModel` names (adapter tensors and `.base_layer` removed)."""
-    unet = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+def funlora_tuner(model: nn.Module) -> FunLoRAModel:
+    """The FunLoRA tuner of `model`: a `PeftModel` of FunLoRA adapters, the tuner itself, or a UNet they adapt."""
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    tuner = model if isinstance(model, FunLoRAModel) else _router_of(model)
+    if not isinstance(tuner, FunLoRAModel) or tuner._unloaded:
+        raise TypeError(
+            f"expected a model holding FunLoRA adapters (get_peft_model(unet, FunLoRAConfig(...))), got "
+            f"{type(model).__name__} without any."
+        )
+    return tuner
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted UNet's own tensors under plain `UNet2DModel` names (adapter tensors and `.base_layer` removed)."""
+    unet = funlora_tuner(model).model
     state = {}
     for key, tensor in unet.state_dict().items():
         if FunLoRAModel.prefix in key:
@@ -369,29 +452,33 @@ def backbone_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_backbone(peft_model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Save the base UNet of `peft_model` as a plain `UNet2DModel` (config + safetensors) into `folder`, atomically."""
-    unet = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+def save_backbone(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save the base UNet of `model` as a plain `UNet2DModel` (config + safetensors) into `folder`, atomically."""
+    unet = funlora_tuner(model).model
     plain = UNet2DModel.from_config(unet.config)
-    plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(peft_model).items()}, strict=True)
+    plain.load_state_dict({k: v.cpu() for k, v in backbone_state_dict(model).items()}, strict=True)
     return write_folder_atomic(folder, lambda tmp: plain.save_pretrained(tmp, safe_serialization=True))
 
 
-def save_adapter(peft_model: PeftModel, adapter_name: str, folder: str | os.PathLike) -> Path:
-    """Save one adapter with PEFT's `save_pretrained` to `folder/adapter_name`, atomically.
+def save_adapter(model: nn.Module, adapter_name: str, folder: str | os.PathLike) -> Path:
+    """Save one adapter in PEFT's format to `folder/adapter_name`, atomically.
 
-    PEFT writes an adapter other than "default" into a subfolder named after it, and a model card beside it; the card
-    is dropped (the run has its own, `funlora_peft.model_card`) and the adapter's files are moved up.
+    The files `PeftModel.save_pretrained` writes (`adapter_model.safetensors` with keys
+    `base_model.model.<conv>.funlora_a` ..., `adapter_config.json` in inference mode), read back by
+    `PeftModel.from_pretrained` and `load_adapter` as by `attach_tasks`; written from the adapter's own tensors, so
+    saving one adapter of many visits only them.
     """
+    tuner = funlora_tuner(model)
+    config = copy.deepcopy(tuner._all_configs()[adapter_name])
+    config.inference_mode = True
+    tensors = {
+        key: param.detach().to("cpu").contiguous()
+        for key, param in adapter_parameters(tuner.model, adapter_name).items()
+    }
 
     def write(tmp: Path) -> None:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], save_embedding_layers=False)
-        (tmp / "README.md").unlink(missing_ok=True)
-        if adapter_name != "default":
-            nested = tmp / adapter_name
-            for path in nested.iterdir():
-                os.replace(path, tmp / path.name)
-            nested.rmdir()
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
 
     return write_folder_atomic(Path(folder) / adapter_name, write)
 
@@ -447,7 +534,7 @@ def run_outputs(folder: str | os.PathLike) -> list[str]:
 
 
 def save_run(
-    peft_model: PeftModel,
+    model: nn.Module,
     folder: str | os.PathLike,
     adapter_names: Iterable[str] | None = None,
     *,
@@ -455,43 +542,54 @@ def save_run(
     class_names: dict[int, str] | None = None,
     metrics: ContinualMetrics | None = None,
     importance: ImportanceRecord | None = None,
+    scheduler=None,
 ) -> RunIndex:
-    """Write `peft_model` as a run folder: the mirror of `FunLoRAPipeline.from_pretrained(folder)`.
+    """Write `model` as a run folder: the mirror of `FunLoRAPipeline.from_pretrained(folder)`.
 
     Writes the backbone (once), one folder per adapter, and the index `funlora.json` listing every adapter of the model
-    in order, with its class ids, function and targets from its config and the sha256 of every weight file; then
-    `metrics.json` and `importance.json` when given. Every file is written atomically.
+    in order, with its class ids, function and targets from its config and the sha256 of every file; then
+    `metrics.json`, `importance.json` and the scheduler's config when given. Every file is written atomically.
 
     Args:
-        peft_model: a `PeftModel` holding FunLoRA adapters (one per task).
+        model: a `PeftModel` holding FunLoRA adapters (one per task), or the UNet they adapt.
         folder: the run folder (created if needed).
         adapter_names: the adapters whose folders are (re)written; default: every adapter of the model. The index
             always lists all of them, so the folders of the others must already be in `folder`.
         save_backbone_weights: write `backbone/`; default (None): when the folder has no backbone yet.
         class_names: `{class id: name}` for the index (default: the folder's index's, if any).
         metrics, importance: the evaluation and layer-importance records to write.
+        scheduler: a diffusers scheduler whose config goes to `scheduler/` (what `FunLoRAPipeline` samples with).
 
     Returns:
         The index as written.
     """
-    if not isinstance(peft_model, PeftModel) or not isinstance(peft_model.base_model, FunLoRAModel):
-        raise TypeError(
-            f"save_run needs a PeftModel holding FunLoRA adapters (get_peft_model(unet, FunLoRAConfig(...))), got "
-            f"{type(peft_model).__name__}."
-        )
+    try:
+        tuner = funlora_tuner(model)
+    except TypeError as error:
+        raise TypeError(f"save_run: {error}") from None
     folder = Path(folder)
-    configs = peft_model.peft_config
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_run: {folder} is a file, not a folder; pass the run folder to write.")
+    configs = tuner._all_configs()
     names = list(configs) if adapter_names is None else list(adapter_names)
     unknown = [name for name in names if name not in configs]
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of the model; it has {list(configs)}.")
+    missing = [n for n in configs if n not in names and not (folder / n / ADAPTER_WEIGHTS).is_file()]
+    if missing:
+        raise ValueError(
+            f"adapter_names {names} leaves out {missing}, whose folders {folder} lacks: the index lists every adapter "
+            "of the model. Save them too (adapter_names=None saves all)."
+        )
     if class_names is None and (folder / INDEX_FILE).is_file():
         class_names = read_index(folder).class_names
     folder.mkdir(parents=True, exist_ok=True)
     if save_backbone_weights or (save_backbone_weights is None and not (folder / BACKBONE_SUBFOLDER).is_dir()):
-        save_backbone(peft_model, folder / BACKBONE_SUBFOLDER)
+        save_backbone(tuner, folder / BACKBONE_SUBFOLDER)
     for name in names:
-        save_adapter(peft_model, name, folder)
+        save_adapter(tuner, name, folder)
+    if scheduler is not None:
+        write_folder_atomic(folder / SCHEDULER_SUBFOLDER, lambda tmp: scheduler.save_config(tmp))
     write_index(folder, [TaskEntry.from_config(name, config) for name, config in configs.items()], class_names)
     if metrics is not None:
         write_metrics(folder, metrics)

@@ -1,11 +1,14 @@
-"""FunLoRAPipeline: loading some or all tasks of a run, sampling (routed, merged, every output type), grids."""
+"""FunLoRAPipeline: loading some or all tasks of a run, sampling (routed, merged, every output type), grids, and what
+a diffusers user expects (components, save and load, dtype, schedulers, layerwise casting)."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_pipeline
+from conftest import load_pipeline, sample_images
+from diffusers import FlowMatchHeunDiscreteScheduler, UNet2DModel
 
-from funlora_peft.flow_matching import sample_ode, t_to_model_timestep
+from funlora_peft import FunLoRAPipeline
+from funlora_peft.flow_matching import sample_ode, sigma_to_t, t_to_model_timestep
 from funlora_peft.pipeline import make_image_grid
 
 
@@ -66,3 +69,87 @@ def test_image_grid_has_one_row_per_class():
     grid = make_image_grid(images, rows=3, padding=1, scale=2)
     assert grid.size == ((4 * 9 + 1) * 2, (3 * 9 + 1) * 2) and grid.mode == "L"
     assert make_image_grid(torch.rand(2, 3, 8, 8), rows=2).mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a diffusers user expects of a pipeline
+
+
+def test_pipeline_from_components_or_from_pipe_samples_the_same_classes(run_folder):
+    pipe = load_pipeline(run_folder)
+    expected = sample_images(pipe, [4, 0, 2])
+    for other in (FunLoRAPipeline(**pipe.components), FunLoRAPipeline.from_pipe(pipe)):
+        other.set_progress_bar_config(disable=True)
+        assert other.class_ids == [0, 1, 2, 3, 4]
+        assert torch.equal(sample_images(other, [4, 0, 2]), expected)
+
+
+def test_save_pretrained_writes_a_run_that_loads_to_the_same_samples(run_folder, tmp_path):
+    pipe = load_pipeline(run_folder)
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+    pipe.save_pretrained(tmp_path / "copy")
+    again = load_pipeline(tmp_path / "copy")
+    assert isinstance(again.scheduler, FlowMatchHeunDiscreteScheduler)  # the scheduler travels with the run
+    assert again.labels == pipe.labels and again.class_ids == pipe.class_ids
+    assert torch.equal(sample_images(again, [3, 0, 4, 4]), sample_images(pipe, [3, 0, 4, 4]))
+    # The backbone folder is a plain diffusers UNet: every weight real, none on the meta device, no adapter key.
+    unet = UNet2DModel.from_pretrained(tmp_path / "copy" / "backbone")
+    assert all(not p.is_meta for p in unet.parameters())
+    assert not any("funlora" in key for key in unet.state_dict())
+
+
+def test_from_pretrained_takes_dtype_or_its_older_alias(run_folder):
+    assert load_pipeline(run_folder, dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+    assert load_pipeline(run_folder, torch_dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="disagree; pass one"):
+        load_pipeline(run_folder, dtype=torch.bfloat16, torch_dtype=torch.float16)
+
+
+def test_from_pretrained_warns_about_keywords_it_does_not_use(run_folder):
+    with pytest.warns(UserWarning, match=r"does not use \['device_map', 'varaint'\]"):
+        load_pipeline(run_folder, varaint="fp16", device_map="cpu")
+
+
+def test_heun_scheduler_integrates_the_same_ode_with_two_evaluations_per_step(run_folder):
+    pipe = load_pipeline(run_folder)
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler()
+    labels = torch.tensor([2, 0, 4])
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    got = pipe(class_labels=labels, num_inference_steps=4, generator=torch.manual_seed(5), output_type="pt").images
+    hook.remove()
+    assert len(calls) == 2 * 4 - 1  # the last step (to sigma = 0) is a plain Euler step
+
+    # Heun's method written out in the model's convention (t = 1 - sigma, velocity dx/dt), on the scheduler's grid.
+    times = sigma_to_t(pipe.scheduler.sigmas.unique_consecutive().double())
+    x = torch.randn(3, 1, 8, 8, generator=torch.manual_seed(5))
+
+    def velocity(x, t):
+        timestep = t_to_model_timestep(t).float().expand(3)
+        return pipe.unet(x, timestep, class_labels=labels).sample
+
+    with torch.no_grad():
+        for t, t_next in zip(times[:-1], times[1:]):
+            dt = float(t_next - t)
+            slope = velocity(x, t)
+            guess = x + dt * slope
+            x = guess if t_next == 1 else x + dt * (slope + velocity(guess, t_next)) / 2
+    # The scheduler recovers the slope as (x - (x - sigma v)) / sigma in float32: at sigma = 1e-3 that cancellation
+    # costs eps * |x| / sigma ~ 1.2e-7 * 5 / 1e-3 = 6e-4 in the slope, times dt / 2 <= 1/6 for the step that uses it:
+    # 1e-4 in x, half that in the image. A wrong sign or grid would change the images by order 0.1.
+    torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-3)
+
+
+def test_layerwise_casting_samples_without_merging_into_float8_weights(run_folder):
+    pipe = load_pipeline(run_folder)
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    stored = {name: p.clone() for name, p in pipe.unet.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert stored  # the convs store their weights in float8
+    kwargs = dict(class_labels=[1, 1], num_inference_steps=3, output_type="pt")
+    single = pipe(**kwargs, generator=torch.manual_seed(0)).images
+    routed = pipe(**kwargs, generator=torch.manual_seed(0), merge_single_class=False).images
+    assert torch.isfinite(single).all() and torch.equal(single, routed)  # no merge: the routed path, exactly
+    mixed = sample_images(pipe, [0, 3])
+    assert torch.isfinite(mixed).all()
+    current = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(current[name].view(torch.uint8), p.view(torch.uint8)) for name, p in stored.items())

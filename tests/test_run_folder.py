@@ -69,8 +69,9 @@ def test_save_run_then_from_pretrained_gives_the_same_model(tmp_path):
         (name, ids, "cos", 10) for name, ids in TASKS.items()
     ]
     assert index.class_names == CLASS_NAMES
-    assert sorted(index.sha256) == sorted(
-        ["backbone/diffusion_pytorch_model.safetensors"] + [f"{n}/adapter_model.safetensors" for n in TASKS]
+    assert sorted(index.sha256) == sorted(  # every file: weights and configs
+        ["backbone/diffusion_pytorch_model.safetensors", "backbone/config.json"]
+        + [f"{n}/{f}" for n in TASKS for f in ("adapter_model.safetensors", "adapter_config.json")]
     )
     pipe = load_pipeline(tmp_path / "run")
     saved = {n: p for n, p in model.state_dict().items()}
@@ -99,5 +100,5 @@ def test_save_run_writes_the_named_adapters_and_the_backbone_once(tmp_path):
     load_pipeline(tmp_path / "run")  # the index was re-hashed
     with pytest.raises(ValueError, match=r"adapter_names \['task_9'\] are not adapters of the model"):
         save_run(model, tmp_path / "run", ["task_9"])
-    with pytest.raises(TypeError, match="save_run needs a PeftModel holding FunLoRA adapters"):
+    with pytest.raises(TypeError, match="save_run: expected a model holding FunLoRA adapters"):
         save_run(make_unet("attn"), tmp_path / "other")
