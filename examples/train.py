@@ -287,6 +287,20 @@ def check_args(args: argparse.Namespace) -> None:
         "num_functions",
         "importance_probe_steps",
     )
+    protocol_args.check_at_least(args, 1, "num_threads")
+    protocol_args.check_at_least(args, 0, "lr_warmup_steps", "max_grad_norm", "adam_weight_decay")
+    for flag in ("learning_rate", "adapter_learning_rate", "adam_epsilon"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag}={getattr(args, flag)} must be > 0 (a negative rate would train by ascent).")
+    for flag in ("adam_beta1", "adam_beta2", "ema_max_decay"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}={getattr(args, flag)} must be in [0, 1).")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA GPU (on a CPU it would silently run in fp32); pass bf16 or no."
+        )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder for the run.")
     protocol_args.check_evaluation_arguments(args)
     funlora_peft.get_function(args.function)
     if args.resolution is not None:
@@ -374,7 +388,6 @@ def load_finished_tasks(config: dict, tasks: list[list[int]], upto_task: int, fo
 
 def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Load the data, cut the tasks, build the model and check the checkpoint, without writing anything."""
-    check_args(args)
     output_dir = Path(args.output_dir)
     data, tasks = protocol_args.load_protocol(args, layout_seed=args.seed)
     unbalanced = sorted({len(task) for task in tasks if args.train_batch_size % len(task)})
@@ -396,6 +409,12 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         if checkpoint is None:
             logger.info(f"No checkpoint in {output_dir} to resume: starting a new run.")
     previous = run_outputs(output_dir)
+    if checkpoint is None and previous and args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {output_dir} holds a previous run "
+            f"({', '.join(previous[:6])}) but no checkpoint-N folder to resume from (it stopped before its first "
+            "checkpoint). Pass --overwrite_output_dir to start it again, or another --output_dir."
+        )
     if checkpoint is None and previous and not args.overwrite_output_dir:
         raise ValueError(
             f"--output_dir={output_dir} holds a previous run ({', '.join(previous[:6])}). Pass "
@@ -725,6 +744,10 @@ def select_layers(args: argparse.Namespace, accelerator: Accelerator, run: Run) 
 
 
 def main(args: argparse.Namespace) -> None:
+    try:
+        check_args(args)  # before the Accelerator: some flags (mixed precision, threads) configure it
+    except (ValueError, TypeError) as error:
+        raise protocol_args.script_error(SCRIPT, error) from None
     output_dir = Path(args.output_dir)
     report_to = None if args.report_to == "none" else args.report_to
     # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but accelerate treats each as a
