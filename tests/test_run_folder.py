@@ -9,7 +9,7 @@ from conftest import CLASS_NAMES, TASKS, load_pipeline, make_run, make_unet
 from safetensors.torch import load_file, save_file
 
 from funlora_peft import FunLoRALayer
-from funlora_peft.run_folder import attach_tasks, read_index, save_run, write_index
+from funlora_peft.run_folder import attach_tasks, read_index, save_run, write_folder_atomic, write_index
 
 
 def _tamper_and_expect(folder, match):
@@ -102,3 +102,14 @@ def test_save_run_writes_the_named_adapters_and_the_backbone_once(tmp_path):
         save_run(model, tmp_path / "run", ["task_9"])
     with pytest.raises(TypeError, match="save_run: expected a model holding FunLoRA adapters"):
         save_run(make_unet("attn"), tmp_path / "other")
+
+
+def test_a_writer_killed_part_way_leaves_nothing_the_next_write_keeps(tmp_path):
+    # What a kill during the write of backbone/ leaves: a hidden temporary folder (and the old folder set aside).
+    (tmp_path / "out").mkdir()
+    for leftover in (".backbone.k3j_x9", ".backbone.old"):
+        (tmp_path / "out" / leftover).mkdir()
+        (tmp_path / "out" / leftover / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    write_folder_atomic(tmp_path / "out" / "backbone", lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backbone"]
+    assert sorted(p.name for p in (tmp_path / "out" / "backbone").iterdir()) == ["config.json"]

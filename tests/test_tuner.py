@@ -865,3 +865,15 @@ def test_model_status_names_the_type_and_mixed_models_are_refused():
     # PEFT's list of types a PeftMixedModel accepts is closed (LoRA and its kin): PEFT's ValueError, not a crash.
     with pytest.raises(ValueError, match="not compatible with the `PeftMixedModel`"):
         get_peft_model(make_unet("attn"), FunLoRAConfig(class_ids=[0]), mixed=True)
+
+
+def test_a_second_get_peft_model_on_the_same_unet_routes_both():
+    unet = make_unet("attn").double()
+    first = get_peft_model(unet, FunLoRAConfig(class_ids=[0, 1], init_alpha=0.3, init_seed=1), "task_0")
+    second = get_peft_model(unet, FunLoRAConfig(class_ids=[2], init_alpha=0.3, init_seed=2), "task_1")
+    x_t, t = inputs64(unet, batch_size=2)
+    with torch.no_grad():
+        both = [model(x_t, t, class_labels=[0, 2]).sample for model in (first, second)]
+        alone = [unet(x_t[i : i + 1], t[i : i + 1], class_labels=[c]).sample for i, c in enumerate([0, 2])]
+    assert torch.equal(both[0], both[1])
+    torch.testing.assert_close(both[0], torch.cat(alone), rtol=0, atol=1e-10)
