@@ -70,6 +70,7 @@ class FunLoRAPipeline(DiffusionPipeline):
         self.peft_model = None
         self.index: RunIndex | None = None
         self.id2label = {int(k): v for k, v in (id2label or {}).items()}
+        self.register_to_config(id2label=self.id2label)  # so that from_pipe keeps the class names
 
     @property
     def tuner(self) -> FunLoRAModel | None:

@@ -78,9 +78,9 @@ def test_image_grid_has_one_row_per_class():
 def test_pipeline_from_components_or_from_pipe_samples_the_same_classes(run_folder):
     pipe = load_pipeline(run_folder)
     expected = sample_images(pipe, [4, 0, 2])
-    for other in (FunLoRAPipeline(**pipe.components), FunLoRAPipeline.from_pipe(pipe)):
+    for other in (FunLoRAPipeline(**pipe.components, id2label=pipe.id2label), FunLoRAPipeline.from_pipe(pipe)):
         other.set_progress_bar_config(disable=True)
-        assert other.class_ids == [0, 1, 2, 3, 4]
+        assert other.class_ids == [0, 1, 2, 3, 4] and other.labels == pipe.labels
         assert torch.equal(sample_images(other, [4, 0, 2]), expected)
 
 

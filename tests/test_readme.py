@@ -133,3 +133,12 @@ def test_documented_fast_commands_run_as_written(tmp_path):
     assert ran >= 1
     pictures = sorted(tmp_path.rglob("*.png"))
     assert pictures, "the documented fast commands write sample grids"
+
+
+def test_pipeline_example_runs(tmp_path, run_folder):
+    code = re.search(r"## Pipelines: from components, saved and loaded again\n.*?```python\n(.*?)```", README, re.S)
+    (tmp_path / "runs").mkdir()
+    run_folder.rename(tmp_path / "runs" / "digits")
+    check = "\nassert again.labels == pipe.labels and type(again.scheduler) is type(heun.scheduler)\n"
+    subprocess.run([sys.executable, "-c", code.group(1) + check], cwd=tmp_path, check=True)
+    assert (tmp_path / "runs" / "digits-heun" / "scheduler" / "scheduler_config.json").is_file()
