@@ -51,6 +51,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -73,6 +74,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import funlora_peft  # noqa: E402
 from funlora_peft import FunLoRAConfig, FunLoRALayer  # noqa: E402
+from funlora_peft.run_folder import attach_tasks, save_run  # noqa: E402
 
 FAMILIES: dict[str, int] = {"cos": 10, "rshift": 10, "power": 10, "linear": 1}
 """Function family -> number of functions p."""
@@ -161,6 +163,7 @@ class ModelInfo:
     adapted_convs: int
     extra_parameters_per_class: dict[str, int]
     many_classes_build_seconds: dict[str, float] = field(default_factory=dict)
+    many_classes_load_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -318,6 +321,16 @@ def make_funlora_model(
             f"Expected only the tensors of {last!r} to be trainable, got e.g. {(wrong or ['none'])[:3]}."
         )
     return model, seconds
+
+
+def time_run_loading(model: PeftModel, bare: UNet2DModel) -> float:
+    """Seconds to attach every task of `model`, saved as a run folder, to a copy of `bare` (all files checked)."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_run(model, Path(folder) / "run")
+        unet = copy.deepcopy(bare)
+        start = time.perf_counter()
+        attach_tasks(unet, Path(folder) / "run")
+        return time.perf_counter() - start
 
 
 def extra_parameters_per_class(model: PeftModel, adapter_name: str) -> int:
@@ -616,6 +629,11 @@ def benchmark_size(
                 )
                 info.many_classes_build_seconds[function] = seconds
                 log(f"  {spec.name} {function}: {MANY_ADAPTERS} adapters injected in {seconds:.1f} s")
+                info.many_classes_load_seconds[function] = time_run_loading(many, bare)
+                log(
+                    f"  {spec.name} {function}: the {MANY_ADAPTERS}-task run folder loaded in "
+                    f"{info.many_classes_load_seconds[function]:.1f} s"
+                )
                 cases.append(train_case(f"{key}/train_1000", many, x, t, target, labels_1000))
     for param in bare.parameters():  # full fine-tuning baseline: every parameter trainable
         param.requires_grad_(True)
@@ -854,8 +872,8 @@ def format_report(report: BenchmarkReport) -> str:
         f"python {m.python_version}, {m.platform}.",
         "",
         "| UNet | parameters | adapted convs | batch | extra parameters per class (all adapted convs) "
-        "| 100-adapter injection |",
-        "|---|---:|---:|---:|---|---|",
+        "| 100-adapter injection | 100-task run folder loaded |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for info in report.models:
         extra = ", ".join(
@@ -863,7 +881,8 @@ def format_report(report: BenchmarkReport) -> str:
             for function, count in info.extra_parameters_per_class.items()
         )
         build = ", ".join(f"{f} {s:.1f} s" for f, s in info.many_classes_build_seconds.items()) or "not run"
-        row = [info.size, f"{info.unet_parameters:,}", info.adapted_convs, info.batch_size, extra, build]
+        load = ", ".join(f"{f} {s:.1f} s" for f, s in info.many_classes_load_seconds.items()) or "not run"
+        row = [info.size, f"{info.unet_parameters:,}", info.adapted_convs, info.batch_size, extra, build, load]
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     lines += [
         "",
