@@ -27,10 +27,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DIGITS_DATASET_NAME",
     "FASHION_MNIST_CLASS_NAMES",
+    "FASHION_MNIST_DIRECTORY",
     "ImageClassificationData",
     "is_idx_directory",
     "load_image_classification_data",
     "read_idx",
+    "to_model_range",
 ]
 
 DIGITS_DATASET_NAME = "digits"
@@ -46,10 +48,12 @@ class ImageClassificationData:
     """A labelled image dataset held in memory, split into train and test.
 
     Attributes:
-        train_images: `(num_train, num_channels, resolution, resolution)` float32 in [-1, 1].
+        train_images: `(num_train, num_channels, resolution, resolution)`: uint8 in 0..255 for 8-bit sources (IDX
+            files, image files, Hub datasets; a quarter of float32's memory), float32 in [-1, 1] for the digits.
+            `to_model_range` turns a batch of either into what the models see, float32 in [-1, 1].
         train_labels: `(num_train,)` int64 global class ids.
-        test_images: `(num_test, num_channels, resolution, resolution)` float32 in [-1, 1] (the real held-out
-            images the Classification Accuracy Score is measured on, method.md §5).
+        test_images: `(num_test, num_channels, resolution, resolution)`, stored as `train_images` (the real
+            held-out images the Classification Accuracy Score is measured on, method.md §5).
         test_labels: `(num_test,)` int64 global class ids.
         class_names: `class_names[i]` is the name of class id `i`.
         num_channels: 1 (grayscale) or 3 (RGB).
@@ -76,6 +80,27 @@ class ImageClassificationData:
         """Number of classes present in the train split."""
         return len(self.class_ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the image and label tensors."""
+        tensors = (self.train_images, self.train_labels, self.test_images, self.test_labels)
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """A batch of stored images as the models see them: float32 in [-1, 1].
+
+    uint8 images (how `ImageClassificationData` holds 8-bit sources) become `v / 127.5 - 1`, the values a float32
+    copy of the dataset held; floating images are returned as float32.
+
+    Example:
+        >>> to_model_range(torch.tensor([0, 255], dtype=torch.uint8))
+        tensor([-1.,  1.])
+    """
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1
+    return images.float()
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
@@ -96,7 +121,7 @@ def load_image_classification_data(
     split_seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> ImageClassificationData:
-    """Load a labelled image dataset into memory as `(N, C, resolution, resolution)` tensors in [-1, 1].
+    """Load a labelled image dataset into memory: `(N, C, resolution, resolution)` images and their labels.
 
     `dataset_name` picks the source:
 
@@ -112,7 +137,8 @@ def load_image_classification_data(
 
     Images from `datasets` are converted to grayscale or RGB, center-cropped to their largest square (or, with
     `center_crop=False`, plainly resized, which changes the aspect ratio), resized to `resolution` with PIL's
-    bilinear filter (antialiased when shrinking) and mapped from 0..255 to [-1, 1] as `v / 127.5 - 1`.
+    bilinear filter (antialiased when shrinking) and kept as uint8; `to_model_range` maps a batch from 0..255 to
+    [-1, 1] as `v / 127.5 - 1`.
 
     Args:
         dataset_name: `"digits"` (default), a local imagefolder directory, or a Hub dataset name.
@@ -233,6 +259,8 @@ IDX_FILES = {
 }
 # Magic numbers of the two kinds of files: unsigned bytes (0x08) in 3 dimensions (images) or 1 (labels).
 _IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}
+# Where Debian's dataset-fashion-mnist package installs the original IDX files.
+FASHION_MNIST_DIRECTORY = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASS_NAMES = (
     "T-shirt/top",
     "Trouser",
@@ -600,13 +628,12 @@ def _read_images(dataset, image_column: str, resolution: int, center_crop: bool,
 
 
 def _to_tensor(pixels: list[np.ndarray], num_channels: int) -> torch.Tensor:
-    """uint8 `(H, W)` / `(H, W, 3)` arrays -> float32 `(N, num_channels, H, W)` in [-1, 1], as `v / 127.5 - 1`."""
+    """uint8 `(H, W)` / `(H, W, 3)` arrays -> uint8 `(N, num_channels, H, W)` (`to_model_range` maps a batch)."""
     if not pixels:
         raise ValueError("no images to convert: the split is empty.")
     # Repeating the gray value of an "L" image is exactly PIL's L -> RGB conversion.
     arrays = [array if array.ndim == 3 else np.repeat(array[:, :, None], num_channels, axis=2) for array in pixels]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return images.float() / 127.5 - 1
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def _per_class_split(

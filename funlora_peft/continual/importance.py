@@ -35,6 +35,7 @@ from torch import nn
 from ..flow_matching import flow_matching_loss, make_flow_matching_batch, t_to_model_timestep
 from ..tuner.config import FunLoRAConfig
 from ..tuner.layer import FunLoRALayer
+from .data import to_model_range
 
 PROBE_ADAPTER = "importance_probe"
 SELECTIONS = ("top_k", "fraction", "bottom_k", "random_k")
@@ -289,7 +290,7 @@ def probe_layer_importance(
     batches = itertools.cycle(dataloader)
     for _ in range(steps):
         images, labels = next(batches)
-        batch = make_flow_matching_batch(images.float(), generator=generator)
+        batch = make_flow_matching_batch(to_model_range(images), generator=generator)
         prediction = model(
             batch.x_t.to(device), t_to_model_timestep(batch.t).to(device), class_labels=labels.to(device)
         ).sample

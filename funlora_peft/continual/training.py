@@ -27,6 +27,7 @@ from ..flow_matching import make_flow_matching_batch
 from ..run_folder import task_name
 from ..tuner.config import FunLoRAConfig
 from ..tuner.model import FunLoRAModel
+from .data import to_model_range
 
 __all__ = [
     "TrainingBatch",
@@ -251,7 +252,7 @@ def draw_training_batch(
     else:
         index = _draw(torch.arange(images.shape[0]), global_batch_size, generator)
     batch = make_flow_matching_batch(
-        images[index],
+        to_model_range(images[index]),
         generator=generator,
         time_distribution=time_distribution,
         logit_mean=logit_mean,

@@ -1,13 +1,17 @@
 """`funlora_peft.continual.data`: loading the digits, IDX files and image folders, and refusing bad arguments."""
 
 import collections
+import gzip
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from funlora_peft.continual.data import ImageClassificationData, load_image_classification_data
+from funlora_peft.continual import data as data_module
+from funlora_peft.continual import training
+from funlora_peft.continual.data import ImageClassificationData, load_image_classification_data, to_model_range
 
 CLASSES = ("cat", "dog", "fox")
 IMAGES_PER_CLASS = 3
@@ -111,13 +115,12 @@ def test_imagefolder_labels_names_and_pixels(imagefolder, tmp_path):
     assert sorted(data.test_labels.tolist()) == [0, 1, 2]
     assert sorted(data.train_labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert data.train_images.shape == (6, 3, 8, 8)
-    assert data.train_images.min() >= -1 and data.train_images.max() <= 1
-    # Constant images stay constant through crop + resize, at exactly v / 127.5 - 1, and match their label.
+    assert data.train_images.dtype == data.test_images.dtype == torch.uint8  # 8-bit sources are held as bytes
+    # Constant images stay constant through crop + resize, at exactly their value, and match their label.
     for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
         for image, label in zip(images, labels.tolist()):
-            values = {_pixel_value(label, index) / 127.5 - 1 for index in range(IMAGES_PER_CLASS)}
             assert torch.unique(image).numel() == 1
-            assert min(abs(image[0, 0, 0].item() - value) for value in values) < 1e-6
+            assert image[0, 0, 0].item() in {_pixel_value(label, index) for index in range(IMAGES_PER_CLASS)}
 
 
 def test_imagefolder_grayscale_with_test_split_and_native_resolution(tmp_path):
@@ -147,7 +150,7 @@ def test_imagefolder_center_crop(tmp_path):
         for index in range(2):
             Image.fromarray(array, mode="L").save(root / folder / f"{index}.png")
     cropped = load_image_classification_data(root, resolution=8, cache_dir=tmp_path / "cache")
-    assert torch.all(cropped.train_images == -1)
+    assert torch.all(cropped.train_images == 0)
     squeezed = load_image_classification_data(root, resolution=8, center_crop=False, cache_dir=tmp_path / "cache")
     assert squeezed.train_images.max() > 0
 
@@ -168,7 +171,7 @@ def test_imagefolder_string_label_column_from_metadata(tmp_path):
     images = torch.cat([data.train_images, data.test_images])
     # Image `index` has intensity 40 * index and species[index]: pixels and labels stay paired.
     for image, label in zip(images, labels.tolist()):
-        index = round((image[0, 0, 0].item() + 1) * 127.5 / 40)
+        index = image[0, 0, 0].item() // 40
         assert data.class_names[label] == species[index]
 
 
@@ -218,3 +221,102 @@ def test_bad_loader_arguments(kwargs, error, match):
 # ---------------------------------------------------------------------------------------------------------------------
 # Task layout
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MNIST-format IDX directories (Fashion-MNIST's Debian package)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic 0x0000080<ndim>, one big-endian size per dimension, the bytes."""
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_idx_directory(root, compress: bool, per_class: int = 3, classes: int = 4, side: int = 6):
+    """Tiny train and t10k splits whose image i of class c is constant 10 * c + i: pixels encode labels."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", per_class), ("t10k", 2)):
+        labels = np.repeat(np.arange(classes), count).astype(np.uint8)
+        images = np.stack([np.full((side, side), 10 * c + i) for c in range(classes) for i in range(count)])
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{split}-{kind}-ubyte"
+            data = _idx_bytes(array)
+            if compress:
+                (root / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gz"])
+def test_idx_directory_loads_its_own_splits(tmp_path, compress):
+    root = _write_idx_directory(tmp_path / "idx", compress)
+    data = load_image_classification_data(root)
+    assert data.resolution == 6 and data.num_channels == 1 and data.class_names == ["0", "1", "2", "3"]
+    assert data.train_images.shape == (12, 1, 6, 6) and data.test_images.shape == (8, 1, 6, 6)
+    assert data.train_images.dtype == torch.uint8
+    for images, labels, count in ((data.train_images, data.train_labels, 3), (data.test_images, data.test_labels, 2)):
+        assert labels.tolist() == [c for c in range(4) for _ in range(count)]
+        assert [image.unique().item() for image in images] == [10 * c + i for c in range(4) for i in range(count)]
+    resized = load_image_classification_data(root, resolution=4, num_channels=3)
+    assert resized.train_images.shape == (12, 3, 4, 4)
+    assert torch.equal(resized.train_images[:, 0], resized.train_images[:, 2])
+
+
+def test_idx_names_the_classes_of_known_datasets(tmp_path):
+    root = _write_idx_directory(tmp_path / "idx", compress=False)
+    labels = data_module.read_idx(root / "train-labels-idx1-ubyte")
+    known = {hashlib.sha256(labels.tobytes()).hexdigest(): ("a", "b", "c", "d")}
+    original = dict(data_module._KNOWN_IDX_LABELS)
+    data_module._KNOWN_IDX_LABELS.update(known)
+    try:
+        assert load_image_classification_data(root).class_names == ["a", "b", "c", "d"]
+    finally:
+        data_module._KNOWN_IDX_LABELS.clear()
+        data_module._KNOWN_IDX_LABELS.update(original)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda root: (root / "t10k-labels-idx1-ubyte").unlink(), r"lacks t10k-labels-idx1-ubyte \(or .*\.gz\)"),
+        (
+            lambda root: (root / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x99" + b"\x00" * 20),
+            r"train-images-idx3-ubyte is not an MNIST-format IDX file.*0x00000999",
+        ),
+        (
+            lambda root: (root / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(11, dtype=np.uint8))),
+            r"train-images-idx3-ubyte holds 12 images but .*train-labels-idx1-ubyte holds 11 labels",
+        ),
+        (
+            lambda root: (root / "t10k-images-idx3-ubyte").write_bytes(
+                (root / "t10k-images-idx3-ubyte").read_bytes()[:-5]
+            ),
+            r"t10k-images-idx3-ubyte holds .* bytes but its header announces \(8, 6, 6\)",
+        ),
+    ],
+    ids=["missing-labels", "bad-magic", "count-mismatch", "truncated"],
+)
+def test_damaged_idx_files_are_refused_naming_the_file(tmp_path, damage, match):
+    root = _write_idx_directory(tmp_path / "idx", compress=False)
+    damage(root)
+    with pytest.raises(ValueError, match=match):
+        load_image_classification_data(root)
+
+
+def test_uint8_storage_gives_the_batches_float_storage_gave(tmp_path):
+    """Training batches, classifier inputs and sizes: bytes converted per batch equal a float32 copy of the data."""
+    data = load_image_classification_data(_write_idx_directory(tmp_path / "idx", compress=True, per_class=8))
+    as_float = to_model_range(data.train_images)
+    assert as_float.dtype == torch.float32 and as_float.min() >= -1 and as_float.max() <= 1
+    assert torch.equal(to_model_range(torch.tensor([0, 51, 255], dtype=torch.uint8)), torch.tensor([-1.0, -0.6, 1.0]))
+    for step in range(3):
+        draws = [
+            training.draw_training_batch(images, data.train_labels, 8, training.step_generator(0, 0, step))
+            for images in (data.train_images, as_float)
+        ]
+        for name in ("x_t", "t", "velocity", "class_labels"):
+            assert torch.equal(getattr(draws[0], name), getattr(draws[1], name)), name
+    assert data.nbytes == (32 + 8) * 36 + (32 + 8) * 8  # one byte per pixel, eight per int64 label
