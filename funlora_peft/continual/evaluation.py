@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import to_model_range
+
 SampleFn = Callable[[int, int, torch.Generator], Tensor]
 """`sample_fn(class_label, num_samples, generator) -> (num_samples, channels, height, width)` images in [-1, 1]."""
 
@@ -47,6 +49,10 @@ _CLASS_SEED_STRIDE = 100003
 # ----------------------------------------------------------------------------------------------------------------
 # Classifier
 # ----------------------------------------------------------------------------------------------------------------
+
+
+_PROBE_SAMPLES = 4  # reuse_old_samples: fresh samples of every old class compared bit for bit after each task
+_PROBE_SEED = 7919  # their seed offset
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -234,13 +240,13 @@ def train_classifier(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
-    images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
+    images, labels = images.detach().cpu(), labels.detach().long().cpu()  # converted batch by batch
     step = 0
     while step < total_steps:
         order = torch.randperm(num_images, generator=generator)
         for start in range(0, num_images, batch_size):
             index = order[start : start + batch_size]
-            batch_x, batch_y = images[index], labels[index]
+            batch_x, batch_y = to_model_range(images[index]), labels[index]
             if augment:
                 batch_x = _random_shift(batch_x, max_shift, generator)
             loss = F.cross_entropy(model(batch_x.to(device)), batch_y.to(device))
@@ -267,7 +273,7 @@ def predict(
     device = _module_device(model)
     predictions = []
     for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start : start + batch_size].to(device).float())
+        logits = model(to_model_range(images[start : start + batch_size].to(device)))
         if class_ids is not None:
             mask = torch.full_like(logits, float("-inf"))
             mask[:, list(class_ids)] = 0.0
@@ -641,7 +647,7 @@ def frechet_distance(
     device = _module_device(feature_extractor)
     num_features = getattr(feature_extractor, "num_features", None)
     if not isinstance(num_features, int):
-        num_features = _PenultimateFeatures(feature_extractor, 0)(real_images[:2].to(device).float()).shape[1]
+        num_features = _PenultimateFeatures(feature_extractor, 0)(to_model_range(real_images[:2].to(device))).shape[1]
     # torchmetrics takes a second to import: only the FD needs it.
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -655,7 +661,7 @@ def frechet_distance(
     try:
         for images, real in ((real_images, True), (generated_images, False)):
             for start in range(0, images.shape[0], batch_size):
-                metric.update(images[start : start + batch_size].to(device).float(), real=real)
+                metric.update(to_model_range(images[start : start + batch_size].to(device)), real=real)
         value = metric.compute().item()
     finally:
         feature_extractor.train(was_training)
@@ -688,6 +694,12 @@ class TaskMetrics:
     cas_per_task: list[float] = field(metadata={"help": "CAS test accuracy of each task j <= k's classes."})
     recognition: float = field(metadata={"help": "Recognition accuracy of all generated samples."})
     accuracy_per_task: list[float] = field(metadata={"help": "Recognition accuracy of each task j <= k: a row."})
+    cas_per_class: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "CAS test accuracy of each seen class, keyed by class id."}
+    )
+    recognition_per_class: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Recognition accuracy of each seen class, keyed by class id."}
+    )
     fd: float | None = field(default=None, metadata={"help": "Frechet distance of all seen classes."})
     fd_per_task: list[float] | None = field(default=None, metadata={"help": "FD restricted to each task j <= k."})
     real_data_accuracy_seen: float | None = field(
@@ -947,6 +959,10 @@ def evaluate_stage(
         cas_per_task=cas.per_task_accuracy(tasks),
         recognition=recognition,
         accuracy_per_task=recognition_per_task,
+        cas_per_class={str(c): cas.per_class_accuracy[c] for c in class_ids},
+        recognition_per_class={
+            str(c): value for c, value in _per_class_accuracy(predictions, gen_y_cpu, class_ids).items()
+        },
         fd=fd,
         fd_per_task=fd_per_task,
         samples_sha256={str(c): tensor_sha256(gen_x[gen_y == c]) for c in class_ids},
@@ -972,8 +988,16 @@ class ContinualEvaluator:
         seed: seeds the classifiers and the sampling generators.
         samples_per_class: generated samples per class for CAS, recognition and FD (at least 2).
         classifier_epochs, classifier_augment: training of the fixed classifier and of every CAS classifier.
+        classifier_steps: optimisation steps of the fixed classifier instead of `classifier_epochs` epochs (on 60,000
+            images a fixed budget is much cheaper).
+        cas_steps_per_class: each CAS classifier trains this many steps per seen class instead of
+            `classifier_epochs` epochs over the samples, so that its budget grows with the classes, not the samples.
         grid_columns: samples per class shown in the grid.
         classifier: a trained fixed classifier to use instead of training one.
+        reuse_old_samples: sample only the new classes after each task and reuse the samples of the earlier ones,
+            which is exact when old classes' outputs never change (FunLoRA; not a fine-tuned or replay model). A few
+            fresh probe samples of every old class are still drawn and compared bit for bit with those drawn when
+            the class was new: `old_samples_identical` of the row says whether they matched.
 
     Example:
         >>> evaluator = ContinualEvaluator(data, tasks, seed=0)
@@ -989,8 +1013,11 @@ class ContinualEvaluator:
         samples_per_class: int = 100,
         classifier_epochs: int = 15,
         classifier_augment: bool = True,
+        classifier_steps: int | None = None,
+        cas_steps_per_class: int | None = None,
         grid_columns: int = 10,
         classifier: nn.Module | None = None,
+        reuse_old_samples: bool = False,
     ) -> None:
         if samples_per_class < 2:
             raise ValueError(
@@ -999,6 +1026,9 @@ class ContinualEvaluator:
         self.data, self.tasks, self.seed = data, [list(task) for task in tasks], seed
         self.samples_per_class, self.grid_columns = samples_per_class, grid_columns
         self.classifier_epochs, self.classifier_augment = classifier_epochs, classifier_augment
+        self.cas_steps_per_class, self.reuse_old_samples = cas_steps_per_class, reuse_old_samples
+        self._samples: dict[int, Tensor] = {}  # class id -> its evaluation samples (reuse_old_samples)
+        self._probes: dict[int, str] = {}  # class id -> sha256 of its probe samples when it was first evaluated
         self.num_classes = len(data.class_names)
         started = time.perf_counter()
         if classifier is None:
@@ -1007,6 +1037,7 @@ class ContinualEvaluator:
                 data.train_labels,
                 num_classes=self.num_classes,
                 epochs=classifier_epochs,
+                steps=classifier_steps,
                 seed=seed,
                 augment=classifier_augment,
             )
@@ -1033,8 +1064,7 @@ class ContinualEvaluator:
         started = time.perf_counter()
         seen_tasks = self.tasks[: task + 1]
         seen = [c for t in seen_tasks for c in t]
-        images, labels = generate_per_class(sample_fn, seen, self.samples_per_class, seed=self.seed)
-        images, labels = images.cpu(), labels.cpu()
+        images, labels, old_identical = self._samples_of(sample_fn, seen)
         row = evaluate_stage(
             self.classifier,
             self.data.test_images,
@@ -1045,10 +1075,34 @@ class ContinualEvaluator:
             num_classes=self.num_classes,
             seed=self.seed,
             epochs=self.classifier_epochs,
+            steps=self.cas_steps_per_class * len(seen) if self.cas_steps_per_class else None,
             augment=self.classifier_augment,
         )
+        row.old_samples_identical = old_identical
         row.real_data_accuracy_seen = self.real_accuracy(seen)
         row.eval_seconds = time.perf_counter() - started
         columns = min(self.grid_columns, self.samples_per_class)
         grid = torch.cat([images[labels == c][:columns] for c in seen])
         return row, (grid + 1) / 2
+
+    def _samples_of(self, sample_fn: SampleFn, seen: list[int]) -> tuple[Tensor, Tensor, bool | None]:
+        """The evaluation samples of `seen` (on the CPU) and, with `reuse_old_samples`, whether the probes matched."""
+        if not self.reuse_old_samples:
+            images, labels = generate_per_class(sample_fn, seen, self.samples_per_class, seed=self.seed)
+            return images.cpu(), labels.cpu(), None
+        new = [c for c in seen if c not in self._samples]
+        if new:
+            images, labels = generate_per_class(sample_fn, new, self.samples_per_class, seed=self.seed)
+            images, labels = images.cpu(), labels.cpu()
+            self._samples.update({c: images[labels == c] for c in new})
+        old = [c for c in seen if c in self._probes]
+        identical = None
+        probe, probe_labels = generate_per_class(sample_fn, seen, _PROBE_SAMPLES, seed=self.seed + _PROBE_SEED)
+        digests = {c: tensor_sha256(probe[probe_labels == c].cpu()) for c in seen}
+        if old:
+            identical = all(self._probes[c] == digests[c] for c in old)
+        for c in seen:
+            self._probes.setdefault(c, digests[c])
+        images = torch.cat([self._samples[c] for c in seen])
+        labels = torch.cat([torch.full((len(self._samples[c]),), c, dtype=torch.long) for c in seen])
+        return images, labels, identical

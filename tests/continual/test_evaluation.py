@@ -10,8 +10,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from funlora_peft.continual.data import ImageClassificationData
 from funlora_peft.continual.evaluation import (
     AccuracyMatrix,
+    ContinualEvaluator,
     SmallClassifier,
     TaskMetrics,
     accuracy,
@@ -327,6 +329,9 @@ def test_evaluate_stage(digits, real_classifier):
         real_classifier, train_x[seen], train_y[seen], tasks
     )
     assert stage.fd is not None and stage.fd >= 0 and len(stage.fd_per_task) == 2
+    per_class = recognition_accuracy_per_class(real_classifier, train_x[seen], train_y[seen])
+    assert stage.recognition_per_class == {str(c): per_class[c] for c in [0, 1, 2, 3]}
+    assert list(stage.cas_per_class) == ["0", "1", "2", "3"] and all(0 <= v <= 1 for v in stage.cas_per_class.values())
     matrix = AccuracyMatrix()
     matrix.append(stage.accuracy_per_task[:1])
     matrix.append(stage.accuracy_per_task)
@@ -337,3 +342,51 @@ def test_evaluate_stage(digits, real_classifier):
         evaluate_stage(
             real_classifier, test_x, test_y, tasks, train_x[only_01], train_y[only_01], num_classes=NUM_CLASSES
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ContinualEvaluator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _CountingSampler:
+    """A deterministic generator of each class (noise from the class's own generator, shifted by the class id) that
+    records which classes it was asked for; `drift` shifts the outputs of class 0 (an old class that changed)."""
+
+    def __init__(self):
+        self.calls, self.drift = [], 0.0
+
+    def __call__(self, class_label, num_samples, generator):
+        self.calls.append(class_label)
+        images = torch.randn(num_samples, 1, 8, 8, generator=generator).clamp(-1, 1) * 0.5 + class_label / 10
+        return images + (self.drift if class_label == 0 else 0.0)
+
+
+def _evaluator(digits, classifier, **kwargs):
+    train_x, train_y, test_x, test_y = digits
+    data = ImageClassificationData(train_x, train_y, test_x, test_y, [str(c) for c in range(10)], 1, 8, "digits")
+    tasks = [[0, 1], [2, 3]]
+    return ContinualEvaluator(
+        data, tasks, seed=3, samples_per_class=6, classifier=classifier, cas_steps_per_class=5, **kwargs
+    )
+
+
+def test_reusing_old_samples_gives_the_rows_of_sampling_everything(digits, real_classifier):
+    rows = {}
+    for reuse in (False, True):
+        evaluator, sampler = _evaluator(digits, real_classifier, reuse_old_samples=reuse), _CountingSampler()
+        rows[reuse] = [evaluator.evaluate(sampler, task)[0] for task in (0, 1)]
+        # Reusing: after task 1 only the new classes 2, 3 are sampled in full; then every class's 4 probe samples.
+        expected = [0, 1, 0, 1, 2, 3, 0, 1, 2, 3] if reuse else [0, 1, 0, 1, 2, 3]
+        assert sampler.calls == expected
+    for plain, reused in zip(rows[False], rows[True]):
+        for name in ("cas", "recognition", "fd", "samples_sha256", "cas_per_class", "recognition_per_class"):
+            assert getattr(plain, name) == getattr(reused, name), name
+    assert rows[True][1].old_samples_identical is True
+
+
+def test_a_changed_old_class_is_caught_by_the_probes(digits, real_classifier):
+    evaluator, sampler = _evaluator(digits, real_classifier, reuse_old_samples=True), _CountingSampler()
+    evaluator.evaluate(sampler, 0)
+    sampler.drift = 0.25  # class 0's outputs change: the reused samples no longer stand for the model
+    assert evaluator.evaluate(sampler, 1)[0].old_samples_identical is False
