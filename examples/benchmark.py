@@ -69,6 +69,7 @@ from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model
 
 from funlora_peft.continual import training
+from funlora_peft.continual.data import to_model_range
 from funlora_peft.continual.evaluation import (
     ContinualEvaluator,
     ContinualMetrics,
@@ -525,18 +526,11 @@ def make_evaluator(args: argparse.Namespace, data, tasks, seed: int, classifier_
             data.train_labels,
             num_classes=len(data.class_names),
             epochs=args.classifier_epochs,
+            steps=args.classifier_steps,
             seed=seed,
             augment=args.classifier_augment,
         )
-    return ContinualEvaluator(
-        data,
-        tasks,
-        seed=seed,
-        samples_per_class=args.eval_samples_per_class,
-        classifier_epochs=args.classifier_epochs,
-        classifier_augment=args.classifier_augment,
-        classifier=classifier,
-    )
+    return ContinualEvaluator(data, tasks, seed=seed, classifier=classifier, **protocol_args.evaluator_kwargs(args))
 
 
 def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_state: dict) -> dict:
@@ -576,7 +570,8 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
                 replay_x, replay_y = generate_per_class(
                     sample_fn, old, per_class, seed=1_000_000 + seed * 1000 + task, batch_size=256
                 )
-                images, labels = torch.cat([images, replay_x]), torch.cat([labels, replay_y.long()])
+                images = torch.cat([to_model_range(images), replay_x.to(torch.float32)])
+                labels = torch.cat([labels, replay_y.long()])
                 seconds = time.perf_counter() - started
                 generation_seconds += seconds
             groups = learner.begin_task(task)

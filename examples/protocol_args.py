@@ -165,6 +165,20 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, eval_samples_pe
         "--classifier_epochs", type=int, default=15, help="Epochs of the real-data and of every CAS classifier."
     )
     group.add_argument(
+        "--classifier_steps",
+        type=int,
+        default=None,
+        help="Optimisation steps of the real-data classifier (default: --classifier_epochs epochs over the training "
+        "images; on 60,000 images a fixed budget is much cheaper).",
+    )
+    group.add_argument(
+        "--cas_steps_per_class",
+        type=int,
+        default=None,
+        help="Each CAS classifier trains this many steps per class seen so far (default: --classifier_epochs epochs "
+        "over the generated samples).",
+    )
+    group.add_argument(
         "--classifier_augment",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -172,8 +186,19 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, eval_samples_pe
     )
 
 
+def evaluator_kwargs(args: argparse.Namespace) -> dict:
+    """The `ContinualEvaluator` keywords the evaluation flags set (and `train_classifier`'s, less the CAS ones)."""
+    return {
+        "samples_per_class": args.eval_samples_per_class,
+        "classifier_epochs": args.classifier_epochs,
+        "classifier_steps": args.classifier_steps,
+        "cas_steps_per_class": args.cas_steps_per_class,
+        "classifier_augment": args.classifier_augment,
+    }
+
+
 def check_evaluation_arguments(args: argparse.Namespace) -> None:
-    check_at_least(args, 1, "num_inference_steps", "classifier_epochs")
+    check_at_least(args, 1, "num_inference_steps", "classifier_epochs", "classifier_steps", "cas_steps_per_class")
     if args.eval_samples_per_class < 2:
         raise ValueError(
             f"--eval_samples_per_class must be >= 2 (the Frechet distance needs a covariance), got "

@@ -68,6 +68,7 @@ from funlora_peft.continual.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from funlora_peft.continual.data import FASHION_MNIST_DIRECTORY, is_idx_directory
 from funlora_peft.continual.evaluation import ContinualEvaluator, ContinualMetrics
 from funlora_peft.continual.importance import (
     ImportanceRecord,
@@ -100,10 +101,44 @@ logger = get_logger(__name__)
 SCRIPT = "train.py"
 
 
+# Named recipes: defaults for the flags below, selected with --recipe; flags given on the command line still win.
+RECIPES = {
+    # Fashion-MNIST at its native 28x28, 5 tasks of 2 classes (docs/fashion_mnist.md: the search that chose it).
+    "fashion-mnist": {
+        "dataset_name": FASHION_MNIST_DIRECTORY,
+        "resolution": 28,
+        "classes_per_task": 2,
+        "block_out_channels": "32,64,64",
+        "function": "cos",
+        "num_functions": 10,
+        "init_omega": 0.3,
+        "train_batch_size": 64,
+        "first_task_steps": 600,
+        "learning_rate": 2e-3,
+        "lr_warmup_steps": 50,
+        "task_train_batch_size": 32,
+        "task_steps": 300,
+        "task_lr_warmup_steps": 20,
+        "adapter_learning_rate": 0.1,
+        "num_inference_steps": 10,
+        "eval_samples_per_class": 500,
+        "classifier_steps": 3000,
+        "cas_steps_per_class": 240,
+    },
+}
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Class-incremental training of a flow-matching UNet2DModel with FunLoRA adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="Start from a named recipe's settings (see RECIPES in this script); flags you pass still win. "
+        "fashion-mnist reads /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).",
     )
     protocol_args.add_data_arguments(parser, resolution=16)
     protocol_args.add_unet_arguments(parser, block_out_channels="32,64,64")
@@ -163,6 +198,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fit.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation.")
     fit.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
     fit.add_argument(
+        "--task_train_batch_size",
+        type=int,
+        default=None,
+        help="Batch size per device of tasks 1, 2, ... (adapters only); default: --train_batch_size.",
+    )
+    fit.add_argument(
         "--class_balanced_batches",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -186,6 +227,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Learning-rate schedule of every task (diffusers' get_scheduler).",
     )
     fit.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
+    fit.add_argument(
+        "--task_lr_warmup_steps",
+        type=int,
+        default=None,
+        help="Warmup steps of tasks 1, 2, ... (adapters only); default: --lr_warmup_steps.",
+    )
     fit.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     fit.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     fit.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -246,6 +293,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "run unfinished as if it had been killed; continue it with --resume_from_checkpoint latest.",
     )
     protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=100)
+    parser.add_argument(
+        "--reuse_old_samples",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Sample only the new classes after each task and reuse the evaluation samples of earlier classes (their "
+        "adapters and the backbone never change). A few probe samples of every old class are still drawn again and "
+        "compared bit for bit (old_samples_identical in metrics.json).",
+    )
     logs = parser.add_argument_group("logging and the Hub")
     logs.add_argument("--grid_samples_per_class", type=int, default=10, help="Columns of the sample grids.")
     logs.add_argument(
@@ -263,6 +318,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id 'user/name' for --push_to_hub.")
     logs.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your saved login).")
     logs.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    recipe = parser.parse_known_args(input_args)[0].recipe
+    if recipe is not None:
+        parser.set_defaults(**RECIPES[recipe])  # defaults only: what the command line names wins
     return parser.parse_args(input_args)
 
 
@@ -278,6 +336,7 @@ def check_args(args: argparse.Namespace) -> None:
         1,
         "resolution",
         "train_batch_size",
+        "task_train_batch_size",
         "gradient_accumulation_steps",
         "first_task_steps",
         "task_steps",
@@ -288,7 +347,9 @@ def check_args(args: argparse.Namespace) -> None:
         "importance_probe_steps",
     )
     protocol_args.check_at_least(args, 1, "num_threads")
-    protocol_args.check_at_least(args, 0, "lr_warmup_steps", "max_grad_norm", "adam_weight_decay")
+    protocol_args.check_at_least(
+        args, 0, "lr_warmup_steps", "task_lr_warmup_steps", "max_grad_norm", "adam_weight_decay"
+    )
     for flag in ("learning_rate", "adapter_learning_rate", "adam_epsilon"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag}={getattr(args, flag)} must be > 0 (a negative rate would train by ascent).")
@@ -302,6 +363,12 @@ def check_args(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder for the run.")
     protocol_args.check_evaluation_arguments(args)
+    if args.dataset_name == FASHION_MNIST_DIRECTORY and not is_idx_directory(FASHION_MNIST_DIRECTORY):
+        raise ValueError(
+            f"--dataset_name={FASHION_MNIST_DIRECTORY} (the fashion-mnist recipe's default) does not hold "
+            "Fashion-MNIST: install it with `apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or pass "
+            "--dataset_name with a folder holding train-images-idx3-ubyte.gz and the three other IDX files."
+        )
     funlora_peft.get_function(args.function)
     if args.resolution is not None:
         protocol_args.unet_config_from_args(args, 1, args.resolution)
@@ -344,7 +411,8 @@ def run_key(args: argparse.Namespace, tasks: list[list[int]], num_processes: int
         "dataset_name image_column label_column resolution block_out_channels layers_per_block attention_level "
         "norm_num_groups attention_head_dim function num_functions init_a_std init_b_std init_omega init_alpha "
         "target_modules select_layers importance_source importance_probe_steps start_from_run seed train_batch_size "
-        "gradient_accumulation_steps first_task_steps task_steps learning_rate adapter_learning_rate lr_scheduler "
+        "task_train_batch_size task_lr_warmup_steps gradient_accumulation_steps first_task_steps task_steps "
+        "learning_rate adapter_learning_rate lr_scheduler "
         "lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm time_distribution "
         "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power class_balanced_batches"
     ).split()
@@ -386,17 +454,23 @@ def load_finished_tasks(config: dict, tasks: list[list[int]], upto_task: int, fo
     return attach_tasks(unet, folder, names, index=index)  # sha256, class ids and every tensor checked
 
 
+def task_setting(args: argparse.Namespace, name: str, task: int):
+    """`--name` for task 0; for tasks 1, 2, ... `--task_name` when it is set, else `--name` too."""
+    override = getattr(args, f"task_{name}")
+    return getattr(args, name) if task == 0 or override is None else override
+
+
 def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     """Load the data, cut the tasks, build the model and check the checkpoint, without writing anything."""
     output_dir = Path(args.output_dir)
     data, tasks = protocol_args.load_protocol(args, layout_seed=args.seed)
-    unbalanced = sorted({len(task) for task in tasks if args.train_batch_size % len(task)})
-    if args.class_balanced_batches and unbalanced:
-        raise ValueError(
-            f"--train_batch_size={args.train_batch_size} is no multiple of the class count of every task "
-            f"({unbalanced}), which --class_balanced_batches needs; pick a multiple of them, or pass "
-            "--no-class_balanced_batches."
-        )
+    for k, task in enumerate(tasks):
+        flag = "train_batch_size" if k == 0 or args.task_train_batch_size is None else "task_train_batch_size"
+        if args.class_balanced_batches and getattr(args, flag) % len(task):
+            raise ValueError(
+                f"--{flag}={getattr(args, flag)} is no multiple of the class count of task {k} ({len(task)}), which "
+                "--class_balanced_batches needs; pick a multiple of it, or pass --no-class_balanced_batches."
+            )
     config = protocol_args.unet_config_from_args(args, data.num_channels, data.resolution)
     key = run_key(args, tasks, accelerator.num_processes, accelerator.mixed_precision)
 
@@ -519,7 +593,7 @@ def train_task(
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=task_setting(args, "lr_warmup_steps", task) * accelerator.num_processes,
         num_training_steps=num_steps * accelerator.num_processes,
     )
     ema = None
@@ -548,7 +622,7 @@ def train_task(
             ema.optimization_step = run.start.ema_optimization_step or 0
 
     images, labels = task_dataset(run.data, run.tasks[task], split="train").tensors
-    global_batch = args.train_batch_size * accelerator.num_processes
+    global_batch = task_setting(args, "train_batch_size", task) * accelerator.num_processes
     progress = tqdm(
         total=num_steps,
         initial=task_step,
@@ -796,10 +870,9 @@ def main(args: argparse.Namespace) -> None:
             run.data,
             run.tasks,
             seed=args.seed,
-            samples_per_class=args.eval_samples_per_class,
-            classifier_epochs=args.classifier_epochs,
-            classifier_augment=args.classifier_augment,
             grid_columns=args.grid_samples_per_class,
+            reuse_old_samples=args.reuse_old_samples,
+            **protocol_args.evaluator_kwargs(args),
         )
         logger.info(
             f"Real-data classifier: accuracy {evaluator.real_data_accuracy:.4f} ({evaluator.classifier_seconds:.1f}s)"

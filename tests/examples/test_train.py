@@ -450,3 +450,25 @@ def test_train_script_resumes_a_selected_run_with_the_same_selection(pushed_trai
         resumed = load_file(out / task / "adapter_model.safetensors")
         reference = load_file(pushed_training_run.folder / task / "adapter_model.safetensors")
         assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_recipe_sets_its_flags_and_explicit_flags_win(train_module):
+    recipe = train_module.RECIPES["fashion-mnist"]
+    args = train_module.parse_args(["--recipe", "fashion-mnist"])
+    assert {name: getattr(args, name) for name in recipe} == recipe
+    assert args.dataset_name == "/usr/share/datasets/fashion-mnist" and args.resolution == 28
+    # Flags given on the command line win, before or after --recipe; flags the recipe does not name keep their default.
+    args = train_module.parse_args(["--task_steps", "7", "--recipe", "fashion-mnist", "--dataset_name", "data/fm"])
+    assert (args.task_steps, args.dataset_name, args.first_task_steps) == (7, "data/fm", recipe["first_task_steps"])
+    assert args.seed == train_module.parse_args([]).seed
+    # Without --recipe nothing of it applies.
+    assert train_module.parse_args([]).resolution == 16
+
+
+def test_recipe_without_the_dataset_says_how_to_install_it(train_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "is_idx_directory", lambda directory: False)  # a machine without the package
+    out = tmp_path / "out"
+    args = train_module.parse_args(["--recipe", "fashion-mnist", "--output_dir", str(out), "--report_to", "none"])
+    with pytest.raises(SystemExit) as info:
+        train_module.main(args)
+    assert "apt-get install dataset-fashion-mnist" in str(info.value.code) and not out.exists()
