@@ -35,8 +35,20 @@ python examples/benchmark.py --dataset_name uoft-cs/cifar100 --image_column img 
     --resolution 32 --classes_per_task 20 --block_out_channels 64,128,128 --first_task_steps 5000 --task_steps 1000
 ```
 
+Fashion-MNIST (`apt-get install dataset-fashion-mnist`) with the settings of `train.py --recipe fashion-mnist`
+(28x28, a (32, 64, 64) UNet, 600 steps at batch 64 on task 0 and 300 at batch 32 on each later task; every method
+draws its images regardless of their class, where train.py draws class-balanced batches):
+
+```bash
+python examples/benchmark.py --recipe fashion-mnist --methods joint,finetune,replay --seeds 0 --num_workers 1 \
+    --replay_samples_per_class 500 --output_dir runs/bench-fashion-mnist
+```
+
 Outputs in --output_dir: `results.md` (one markdown table, a row per method), `results.json` (the settings, every
 run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after each task, one line per method).
+`jobs/` keeps every finished (method, seed) job and each seed's real-data classifier: the same command run again
+after a stop runs only the jobs still missing (a kept job made with other flags is made again), so a long
+comparison can be finished over several sessions, and methods or seeds can be added later.
 
 Metrics (per run, then mean +- sample std over seeds): final CAS and average incremental CAS (the mean of the CAS
 after each task; `evaluate_stage`), forgetting (`AccuracyMatrix.forgetting` of the per-task recognition accuracy of
@@ -67,6 +79,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from funlora_peft.continual import training
 from funlora_peft.continual.data import to_model_range
@@ -80,9 +93,12 @@ from funlora_peft.continual.evaluation import (
 from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
 from funlora_peft.continual.tasks import task_dataset
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
-from funlora_peft.run_folder import task_name
+from funlora_peft.run_folder import read_json, sha256_of, task_name, write_file_atomic, write_json_atomic
 
 RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
+JOBS_SUBFOLDER = "jobs"  # one JSON per finished (method, seed) job and one classifier per seed: what a rerun reuses
+# Flags that change neither what a job computes nor its result.
+NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe")
 SAMPLING_IMAGES = 100
 
 
@@ -130,12 +146,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark FunLoRA against joint training, fine-tuning, generative replay and PEFT LoRA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    protocol_args.add_recipe_argument(parser)
     parser.add_argument(
         "--quick",
         action="store_true",
         help=f"A few minutes: one seed and a smaller budget ({QUICK_DEFAULTS}); explicit flags still win.",
     )
-    parser.add_argument("--output_dir", type=str, default="runs/benchmark", help="Folder of the result files.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="runs/benchmark",
+        help="Folder of the result files. Every finished (method, seed) job is kept in its jobs/ subfolder, so that a "
+        "stopped benchmark run again with the same flags continues where it stopped.",
+    )
     parser.add_argument(
         "--methods",
         type=str,
@@ -155,6 +178,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     protocol_args.add_unet_arguments(parser, block_out_channels="32,64")
     # Budget, shared by every method
     parser.add_argument("--train_batch_size", type=int, default=64, help="Images per optimisation step.")
+    protocol_args.add_later_task_arguments(parser)
     parser.add_argument("--first_task_steps", type=int, default=150, help="Optimisation steps of task 0.")
     parser.add_argument("--task_steps", type=int, default=60, help="Optimisation steps of every later task.")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="Learning rate of every UNet's weights.")
@@ -172,8 +196,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "images, so that the replay pool is class-balanced).",
     )
     parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
+    protocol_args.add_adapter_init_arguments(parser.add_argument_group("FunLoRA adapters"))
     protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=40)
-    args = parser.parse_args(input_args)
+    args = protocol_args.parse_with_recipe(parser, input_args)
     if args.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
         args = parser.parse_args(input_args)
@@ -208,9 +233,10 @@ def check_args(args: argparse.Namespace) -> None:
     protocol_args.check_at_least(
         args, 1, "resolution", "classes_per_task", "train_batch_size", "first_task_steps", "task_steps", "num_threads"
     )
-    protocol_args.check_at_least(args, 1, "top_k", "replay_samples_per_class")
-    protocol_args.check_at_least(args, 0, "num_workers", "lr_warmup_steps")
+    protocol_args.check_at_least(args, 1, "top_k", "replay_samples_per_class", "task_train_batch_size")
+    protocol_args.check_at_least(args, 0, "num_workers", "lr_warmup_steps", "task_lr_warmup_steps")
     protocol_args.check_evaluation_arguments(args)
+    protocol_args.check_recipe_data(args)
     seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds={args.seeds!r} must list distinct non-negative integers, e.g. 0,1,2.")
@@ -316,6 +342,7 @@ class FunLoRALearner(Learner):
             function=self.method.function,
             num_functions=self.method.num_functions,
             target_modules=self.target_modules,
+            **protocol_args.adapter_init_kwargs(self.args),
         )
 
     def begin_task(self, task: int) -> list[dict]:
@@ -448,23 +475,25 @@ def make_learner(method: Method, args, config, tasks, seed, device, num_labels: 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def train_steps(learner: Learner, groups: list[dict], images, labels, num_steps: int, seed: int, task: int, args):
-    """`num_steps` AdamW steps (cosine decay after a warmup) on batches drawn from `images`; returns seconds."""
+def train_steps(
+    learner: Learner, groups: list[dict], images, labels, batch_sizes: list[int], seed: int, task: int, args
+):
+    """One AdamW step per entry of `batch_sizes` (its batch size), cosine decay after the task's warmup, on batches
+    drawn from `images`; returns seconds."""
     device = learner.device
+    num_steps = len(batch_sizes)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
     lr_scheduler = get_scheduler(
         "cosine",
         optimizer=optimizer,
-        num_warmup_steps=min(args.lr_warmup_steps, num_steps // 2),
+        num_warmup_steps=min(protocol_args.task_setting(args, "lr_warmup_steps", task), num_steps // 2),
         num_training_steps=num_steps,
     )
     params = [p for group in groups for p in group["params"]]
     started = time.perf_counter()
-    for step in range(num_steps):
+    for step, batch_size in enumerate(batch_sizes):
         # The same (seed, task, step) draws the same batch indices, noise and times for every method.
-        batch = training.draw_training_batch(
-            images, labels, args.train_batch_size, training.step_generator(seed, task, step)
-        )
+        batch = training.draw_training_batch(images, labels, batch_size, training.step_generator(seed, task, step))
         loss = learner.loss(
             batch.x_t.to(device), batch.t.to(device), batch.velocity.to(device), batch.class_labels.to(device)
         )
@@ -533,6 +562,12 @@ def make_evaluator(args: argparse.Namespace, data, tasks, seed: int, classifier_
     return ContinualEvaluator(data, tasks, seed=seed, classifier=classifier, **protocol_args.evaluator_kwargs(args))
 
 
+def task_batch_sizes(args: argparse.Namespace, task: int) -> list[int]:
+    """The batch size of every optimisation step of `task`."""
+    steps = args.first_task_steps if task == 0 else args.task_steps
+    return [protocol_args.task_setting(args, "train_batch_size", task)] * steps
+
+
 def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_state: dict) -> dict:
     """Train and evaluate one method with one seed; returns its metrics (JSON-serialisable)."""
     torch.set_num_threads(args.num_threads)
@@ -555,8 +590,9 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
         images, labels = data.train_images, data.train_labels
         keep = torch.isin(labels, torch.tensor([c for task in tasks for c in task]))
         groups = learner.begin_task(0)
-        steps = args.first_task_steps + (len(tasks) - 1) * args.task_steps
-        train_seconds.append(train_steps(learner, groups, images[keep], labels[keep], steps, seed, 0, args))
+        # The continual runs' steps, each with its batch size: as many images seen in all.
+        batch_sizes = [b for task in range(len(tasks)) for b in task_batch_sizes(args, task)]
+        train_seconds.append(train_steps(learner, groups, images[keep], labels[keep], batch_sizes, seed, 0, args))
         stages.append(evaluate(len(tasks) - 1))
     else:
         for task in range(len(tasks)):
@@ -575,8 +611,7 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
                 seconds = time.perf_counter() - started
                 generation_seconds += seconds
             groups = learner.begin_task(task)
-            steps = args.first_task_steps if task == 0 else args.task_steps
-            seconds += train_steps(learner, groups, images, labels, steps, seed, task, args)
+            seconds += train_steps(learner, groups, images, labels, task_batch_sizes(args, task), seed, task, args)
             learner.end_task(task)
             train_seconds.append(seconds)
             stages.append(evaluate(task))
@@ -621,6 +656,47 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Finished jobs, kept so that a stopped benchmark continues where it stopped
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def job_settings(args: argparse.Namespace) -> dict:
+    """The flags a job's result depends on; a kept job is reused only when they are the same."""
+    return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_JOB_SETTINGS}))
+
+
+def _job_file(output_dir: Path, name: str) -> Path:
+    return output_dir / JOBS_SUBFOLDER / name
+
+
+def read_kept(output_dir: Path, name: str, settings: dict) -> dict | None:
+    """The kept record `name` of jobs/ if it was made with `settings`, else None (it is then made again)."""
+    path = _job_file(output_dir, f"{name}.json")
+    if not path.is_file():
+        return None
+    kept = read_json(path)
+    return kept["result"] if isinstance(kept, dict) and kept.get("settings") == settings else None
+
+
+def keep(output_dir: Path, name: str, settings: dict, result: dict) -> None:
+    write_json_atomic(_job_file(output_dir, f"{name}.json"), {"settings": settings, "result": result})
+
+
+def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
+    """The fixed real-data classifier of `seed` (its state and test accuracy), trained once and kept in jobs/."""
+    settings, name = job_settings(args), f"classifier-seed{seed}"
+    weights = _job_file(output_dir, f"{name}.safetensors")
+    kept = read_kept(output_dir, name, settings)
+    if kept is not None and weights.is_file() and sha256_of(weights) == kept["sha256"]:
+        return load_file(weights), kept["real_data_accuracy"]
+    evaluator = make_evaluator(args, data, tasks, seed)
+    state = {k: v.detach().cpu().contiguous() for k, v in evaluator.classifier.state_dict().items()}
+    write_file_atomic(weights, lambda path: save_file(state, path))
+    keep(output_dir, name, settings, {"sha256": sha256_of(weights), "real_data_accuracy": evaluator.real_data_accuracy})
+    return state, evaluator.real_data_accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Summary, table and plot
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -660,6 +736,13 @@ def _pm(entry: dict | None, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def batch_sizes_text(args: argparse.Namespace) -> str:
+    later = protocol_args.task_setting(args, "train_batch_size", 1)
+    if later == args.train_batch_size:
+        return f"{args.train_batch_size} images per step"
+    return f"{args.train_batch_size} images per step in task 0's steps, {later} in the later tasks' (joint: in order)"
+
+
 def results_table(args, methods: list[Method], summaries: dict, info: dict, notes: list[str]) -> str:
     seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     lines = [
@@ -668,8 +751,8 @@ def results_table(args, methods: list[Method], summaries: dict, info: dict, note
         f"{args.layers_per_block}; {len(seeds)} seed(s) {seeds}; mean ± std over seeds.",
         f"Equal budget: every continual method takes {args.first_task_steps} steps on task 0 and {args.task_steps} "
         f"steps on each later task ({info['total_steps']} steps), joint training takes {info['total_steps']} steps "
-        f"on all classes; batch {args.train_batch_size} images per step for all, with the same per-step batch "
-        "indices, noise and flow times.",
+        f"on all classes; batch {batch_sizes_text(args)} for all, with the same per-step batch indices, noise "
+        "and flow times.",
         f"CAS: a classifier trained on {args.eval_samples_per_class} generated samples per seen class "
         f"({args.classifier_epochs} epochs), tested on the real test images; a classifier trained on real data "
         f"reaches {info['real_data_accuracy']:.3f}. Forgetting: of the fixed real-data classifier's per-task "
@@ -755,24 +838,34 @@ def main(args: argparse.Namespace) -> dict:
     # One fixed real-data classifier per seed, shared by every method (recognition accuracy, forgetting, FD).
     classifiers, real_accuracy = {}, {}
     for seed in seeds:
-        evaluator = make_evaluator(args, data, tasks, seed)
-        classifiers[seed] = {k: v.detach().cpu() for k, v in evaluator.classifier.state_dict().items()}
-        real_accuracy[seed] = evaluator.real_data_accuracy
+        classifiers[seed], real_accuracy[seed] = seed_classifier(args, data, tasks, seed, output_dir)
     print(f"real-data classifier accuracy: {real_accuracy}", flush=True)
+    settings = job_settings(args)
 
     # Longest jobs first, so that the two workers finish together.
     cost = {"lora": 0, "replay": 1, "funlora": 2, "finetune": 3, "joint": 3}
     jobs = sorted(((m.key, seed) for m in methods for seed in seeds), key=lambda job: cost[METHODS[job[0]].kind])
     runs: dict[str, list[dict]] = {row_name(m, args): [] for m in methods}
 
-    def record(result: dict) -> None:
+    def record(result: dict, kept: bool = False) -> None:
         runs[result["name"]].append(result)
+        if not kept:
+            keep(output_dir, f"{result['method']}-seed{result['seed']}", settings, result)
         print(
             f"{result['name']} seed {result['seed']}: final CAS {result['final_cas']:.3f}, forgetting "
             f"{result['forgetting']}, train {result['train_seconds']:.1f}s "
-            f"({time.perf_counter() - started:.0f}s elapsed)",
+            f"({'kept from an earlier run' if kept else f'{time.perf_counter() - started:.0f}s elapsed'})",
             flush=True,
         )
+
+    pending = []
+    for key, seed in jobs:
+        result = read_kept(output_dir, f"{key}-seed{seed}", settings)
+        if result is None:
+            pending.append((key, seed))
+        else:
+            record(result, kept=True)
+    jobs = pending
 
     if args.num_workers == 0:
         for key, seed in jobs:

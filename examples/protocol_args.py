@@ -2,14 +2,16 @@
 
 `train.py`, `benchmark.py` and `layer_ablation.py` declare these groups here, with their own defaults where they
 differ, and turn them into calls of `funlora_peft`; the package names its arguments as these flags do (without the
-dashes), so a script only prefixes its own name to the package's errors (`script_error`).
+dashes), so a script only prefixes its own name to the package's errors (`script_error`). The named recipes
+(`--recipe`) live here too, so that `train.py` and `benchmark.py` run the same protocol from the same flag.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from funlora_peft.continual.data import load_image_classification_data
+from funlora_peft import FunLoRAConfig
+from funlora_peft.continual.data import FASHION_MNIST_DIRECTORY, is_idx_directory, load_image_classification_data
 from funlora_peft.continual.tasks import make_task_layout
 from funlora_peft.continual.training import unet_config
 
@@ -36,6 +38,107 @@ def check_at_least(args: argparse.Namespace, minimum: int, *flags: str) -> None:
         value = getattr(args, flag)
         if value is not None and value < minimum:
             raise ValueError(f"--{flag}={value} must be >= {minimum}.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------------------------
+
+# Named recipes: defaults for the flags, selected with --recipe; flags given on the command line still win. A script
+# takes the entries it declares (benchmark.py has no --function: each of its methods names its own family).
+RECIPES = {
+    # Fashion-MNIST at its native 28x28, 5 tasks of 2 classes (docs/fashion_mnist.md: the search that chose it).
+    "fashion-mnist": {
+        "dataset_name": FASHION_MNIST_DIRECTORY,
+        "resolution": 28,
+        "classes_per_task": 2,
+        "block_out_channels": "32,64,64",
+        "function": "cos",
+        "num_functions": 10,
+        "init_omega": 0.3,
+        "train_batch_size": 64,
+        "first_task_steps": 600,
+        "learning_rate": 2e-3,
+        "lr_warmup_steps": 50,
+        "task_train_batch_size": 32,
+        "task_steps": 300,
+        "task_lr_warmup_steps": 20,
+        "adapter_learning_rate": 0.1,
+        "num_inference_steps": 10,
+        "eval_samples_per_class": 500,
+        "classifier_steps": 3000,
+        "cas_steps_per_class": 240,
+    },
+    # The paper's CIFAR-100 "20-20" protocol on a GPU: 32x32 RGB, 5 tasks of 20 classes, the 35.7M-parameter UNet of
+    # DDPM's CIFAR-10 model (4 levels, 2 layers per block, self-attention at 16x16; 65 convs), EMA, bf16 on CUDA.
+    # A starting point: the adapter settings come from the Fashion-MNIST search; the budget is not tuned.
+    "cifar100": {
+        "dataset_name": "uoft-cs/cifar100",
+        "image_column": "img",
+        "label_column": "fine_label",
+        "resolution": 32,
+        "classes_per_task": 20,
+        "block_out_channels": "128,256,256,256",
+        "layers_per_block": 2,
+        "attention_level": "1",
+        "norm_num_groups": 32,
+        "attention_head_dim": 64,
+        "function": "cos",
+        "num_functions": 10,
+        "init_omega": 0.3,
+        "train_batch_size": 160,
+        "first_task_steps": 30000,
+        "learning_rate": 2e-4,
+        "lr_warmup_steps": 1000,
+        "task_steps": 10000,
+        "task_lr_warmup_steps": 200,
+        "adapter_learning_rate": 0.1,
+        "use_ema": True,
+        "ema_max_decay": 0.9999,
+        "checkpointing_steps": 2000,
+        "num_inference_steps": 20,
+        "eval_samples_per_class": 200,
+        "classifier_steps": 10000,
+        "cas_steps_per_class": 100,
+        "on_cuda": {"mixed_precision": "bf16"},  # applied only where CUDA is available
+    },
+}
+
+
+def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="Start from a named recipe's settings (RECIPES in examples/protocol_args.py); flags you pass still "
+        "win. fashion-mnist reads /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).",
+    )
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
+    """Parse `input_args`, the chosen recipe's settings taking the place of the defaults of the flags it names."""
+    recipe = parser.parse_known_args(input_args)[0].recipe
+    if recipe is not None:
+        import torch
+
+        settings = dict(RECIPES[recipe])
+        on_cuda = settings.pop("on_cuda", {})
+        if torch.cuda.is_available():
+            settings.update(on_cuda)
+        declared = vars(parser.parse_known_args([])[0])
+        # Defaults only: what the command line names wins.
+        parser.set_defaults(**{k: v for k, v in settings.items() if k in declared})
+    return parser.parse_args(input_args)
+
+
+def check_recipe_data(args: argparse.Namespace) -> None:
+    """Refuse the Fashion-MNIST folder when the Debian package that provides it is not installed."""
+    if args.dataset_name == FASHION_MNIST_DIRECTORY and not is_idx_directory(FASHION_MNIST_DIRECTORY):
+        raise ValueError(
+            f"--dataset_name={FASHION_MNIST_DIRECTORY} (the fashion-mnist recipe's default) does not hold "
+            "Fashion-MNIST: install it with `apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or pass "
+            "--dataset_name with a folder holding train-images-idx3-ubyte.gz and the three other IDX files."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -99,7 +202,8 @@ def load_protocol(args: argparse.Namespace, layout_seed: int) -> tuple[object, l
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def add_unet_arguments(parser: argparse.ArgumentParser, *, block_out_channels: str) -> None:
+def add_unet_arguments(parser: argparse.ArgumentParser, *, block_out_channels: str, from_files: bool = False) -> None:
+    """The UNet flags; with `from_files`, also a backbone from a config file or from pretrained weights."""
     group = parser.add_argument_group("UNet (no class embedding: the adapters do all the conditioning)")
     group.add_argument(
         "--block_out_channels",
@@ -117,10 +221,88 @@ def add_unet_arguments(parser: argparse.ArgumentParser, *, block_out_channels: s
     )
     group.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; must divide every width.")
     group.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
+    if not from_files:
+        return
+    group.add_argument(
+        "--model_config_name_or_path",
+        type=str,
+        default=None,
+        help="Build the backbone from this UNet2DModel config instead of the flags above (a config.json file, a "
+        "folder holding one, or a Hub model id), freshly initialised with --seed, as diffusers' "
+        "train_unconditional.py does: any block layout, e.g. self-attention at several levels.",
+    )
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Start the backbone from these pretrained UNet2DModel weights (a folder or a Hub model id; safetensors "
+        "only) instead of a fresh one; its config replaces the flags above. It must have no class embedding and as "
+        "many image channels as the data.",
+    )
+    group.add_argument(
+        "--model_subfolder",
+        type=str,
+        default=None,
+        help="Subfolder of --model_config_name_or_path / --pretrained_model_name_or_path holding the UNet, e.g. unet.",
+    )
+
+
+def backbone_source(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(flag, value) of the file or model the backbone comes from, or None when the UNet flags describe it."""
+    for flag in ("pretrained_model_name_or_path", "model_config_name_or_path"):
+        if getattr(args, flag, None):
+            return flag, getattr(args, flag)
+    return None
+
+
+def _config_from_source(args: argparse.Namespace, num_channels: int, resolution: int) -> dict:
+    from diffusers import UNet2DModel
+
+    flag, source = backbone_source(args)
+    try:
+        loaded = UNet2DModel.load_config(source, subfolder=args.model_subfolder)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--{flag}={source!r} holds no readable UNet2DModel config: {error}") from None
+    config = {k: v for k, v in loaded.items() if not k.startswith("_")}
+    if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
+        raise ValueError(
+            f"--{flag}={source!r} is a class-embedding UNet (num_class_embeds={config.get('num_class_embeds')}, "
+            f"class_embed_type={config.get('class_embed_type')}): FunLoRA conditions on the class through its "
+            "adapters only; pick an unconditional UNet2DModel."
+        )
+    channels = (config.get("in_channels"), config.get("out_channels"))
+    if channels != (num_channels, num_channels):
+        raise ValueError(
+            f"--{flag}={source!r} maps {channels[0]} to {channels[1]} channels but the images have {num_channels}; "
+            "pick a model for this data or convert the images."
+        )
+    size = config.get("sample_size")
+    if isinstance(size, int) and size != resolution:
+        raise ValueError(
+            f"--{flag}={source!r} has sample_size={size} but the images are {resolution}x{resolution}; pass "
+            f"--resolution {size}."
+        )
+    return config
+
+
+def initial_unet(args: argparse.Namespace, config: dict, seed: int):
+    """The backbone a run starts from: the pretrained weights, or a fresh UNet2DModel(**config) seeded by `seed`."""
+    import torch
+    from diffusers import UNet2DModel
+
+    if getattr(args, "pretrained_model_name_or_path", None):
+        return UNet2DModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder=args.model_subfolder, use_safetensors=True
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**config)
 
 
 def unet_config_from_args(args: argparse.Namespace, num_channels: int, resolution: int) -> dict:
-    """`funlora_peft.continual.training.unet_config` of the UNet flags."""
+    """`funlora_peft.continual.training.unet_config` of the UNet flags, or the config of the backbone's source."""
+    if backbone_source(args) is not None:
+        return _config_from_source(args, num_channels, resolution)
     channels = int_list("--block_out_channels", args.block_out_channels)
     value = args.attention_level
     if value == "none":
@@ -145,6 +327,48 @@ def unet_config_from_args(args: argparse.Namespace, num_channels: int, resolutio
         norm_num_groups=args.norm_num_groups,
         attention_head_dim=args.attention_head_dim,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adapters and the later tasks' schedule
+# --------------------------------------------------------------------------------------------------------------------
+
+ADAPTER_INIT_FLAGS = tuple(
+    name for name in FunLoRAConfig.__dataclass_fields__ if name.startswith("init_") and name != "init_seed"
+)
+
+
+def add_adapter_init_arguments(group) -> None:
+    """`--init_a_std`, `--init_b_std`, `--init_omega`, `--init_alpha`: FunLoRAConfig's fields, its defaults."""
+    for name in ADAPTER_INIT_FLAGS:
+        field_ = FunLoRAConfig.__dataclass_fields__[name]
+        group.add_argument(f"--{name}", type=float, default=field_.default, help=field_.metadata["help"])
+
+
+def adapter_init_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ADAPTER_INIT_FLAGS}
+
+
+def add_later_task_arguments(group) -> None:
+    """The batch size and warmup of tasks 1, 2, ... (adapters only), when they differ from task 0's."""
+    group.add_argument(
+        "--task_train_batch_size",
+        type=int,
+        default=None,
+        help="Batch size per device of tasks 1, 2, ... (adapters only); default: --train_batch_size.",
+    )
+    group.add_argument(
+        "--task_lr_warmup_steps",
+        type=int,
+        default=None,
+        help="Warmup steps of tasks 1, 2, ... (adapters only); default: --lr_warmup_steps.",
+    )
+
+
+def task_setting(args: argparse.Namespace, name: str, task: int):
+    """`--name` for task 0; for tasks 1, 2, ... `--task_name` when it is set, else `--name` too."""
+    override = getattr(args, f"task_{name}")
+    return getattr(args, name) if task == 0 or override is None else override
 
 
 # --------------------------------------------------------------------------------------------------------------------

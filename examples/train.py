@@ -68,7 +68,6 @@ from funlora_peft.continual.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from funlora_peft.continual.data import FASHION_MNIST_DIRECTORY, is_idx_directory
 from funlora_peft.continual.evaluation import ContinualEvaluator, ContinualMetrics
 from funlora_peft.continual.importance import (
     ImportanceRecord,
@@ -101,47 +100,14 @@ logger = get_logger(__name__)
 SCRIPT = "train.py"
 
 
-# Named recipes: defaults for the flags below, selected with --recipe; flags given on the command line still win.
-RECIPES = {
-    # Fashion-MNIST at its native 28x28, 5 tasks of 2 classes (docs/fashion_mnist.md: the search that chose it).
-    "fashion-mnist": {
-        "dataset_name": FASHION_MNIST_DIRECTORY,
-        "resolution": 28,
-        "classes_per_task": 2,
-        "block_out_channels": "32,64,64",
-        "function": "cos",
-        "num_functions": 10,
-        "init_omega": 0.3,
-        "train_batch_size": 64,
-        "first_task_steps": 600,
-        "learning_rate": 2e-3,
-        "lr_warmup_steps": 50,
-        "task_train_batch_size": 32,
-        "task_steps": 300,
-        "task_lr_warmup_steps": 20,
-        "adapter_learning_rate": 0.1,
-        "num_inference_steps": 10,
-        "eval_samples_per_class": 500,
-        "classifier_steps": 3000,
-        "cas_steps_per_class": 240,
-    },
-}
-
-
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Class-incremental training of a flow-matching UNet2DModel with FunLoRA adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default=None,
-        help="Start from a named recipe's settings (see RECIPES in this script); flags you pass still win. "
-        "fashion-mnist reads /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist).",
-    )
+    protocol_args.add_recipe_argument(parser)
     protocol_args.add_data_arguments(parser, resolution=16)
-    protocol_args.add_unet_arguments(parser, block_out_channels="32,64,64")
+    protocol_args.add_unet_arguments(parser, block_out_channels="32,64,64", from_files=True)
     funlora = parser.add_argument_group("FunLoRA")
     funlora.add_argument(
         "--function",
@@ -150,9 +116,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help=f"FunLoRA function family: one of {sorted(funlora_peft.FUNCTIONS)}.",
     )
     funlora.add_argument("--num_functions", type=int, default=10, help="Number p of functions (1 for 'linear').")
-    for name, field_ in FunLoRAConfig.__dataclass_fields__.items():
-        if name.startswith("init_") and name != "init_seed":
-            funlora.add_argument(f"--{name}", type=float, default=field_.default, help=field_.metadata["help"])
+    protocol_args.add_adapter_init_arguments(funlora)
     funlora.add_argument(
         "--target_modules",
         type=str,
@@ -197,12 +161,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     fit.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, batches, noise and evaluation.")
     fit.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
-    fit.add_argument(
-        "--task_train_batch_size",
-        type=int,
-        default=None,
-        help="Batch size per device of tasks 1, 2, ... (adapters only); default: --train_batch_size.",
-    )
+    protocol_args.add_later_task_arguments(fit)
     fit.add_argument(
         "--class_balanced_batches",
         action=argparse.BooleanOptionalAction,
@@ -227,12 +186,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Learning-rate schedule of every task (diffusers' get_scheduler).",
     )
     fit.add_argument("--lr_warmup_steps", type=int, default=50, help="Warmup steps at the start of every task.")
-    fit.add_argument(
-        "--task_lr_warmup_steps",
-        type=int,
-        default=None,
-        help="Warmup steps of tasks 1, 2, ... (adapters only); default: --lr_warmup_steps.",
-    )
     fit.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     fit.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     fit.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
@@ -248,7 +201,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     fit.add_argument("--logit_mean", type=float, default=0.0, help="Mean for --time_distribution logit_normal.")
     fit.add_argument("--logit_std", type=float, default=1.0, help="Std for --time_distribution logit_normal.")
     fit.add_argument(
-        "--use_ema", action="store_true", help="Keep an EMA of the trained weights; the EMA weights are saved."
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Keep an EMA of the trained weights; the EMA weights are saved.",
     )
     fit.add_argument("--ema_max_decay", type=float, default=0.999, help="Maximum EMA decay.")
     fit.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
@@ -318,10 +274,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id 'user/name' for --push_to_hub.")
     logs.add_argument("--hub_token", type=str, default=None, help="Hub token (default: your saved login).")
     logs.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    recipe = parser.parse_known_args(input_args)[0].recipe
-    if recipe is not None:
-        parser.set_defaults(**RECIPES[recipe])  # defaults only: what the command line names wins
-    return parser.parse_args(input_args)
+    return protocol_args.parse_with_recipe(parser, input_args)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -363,14 +316,9 @@ def check_args(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder for the run.")
     protocol_args.check_evaluation_arguments(args)
-    if args.dataset_name == FASHION_MNIST_DIRECTORY and not is_idx_directory(FASHION_MNIST_DIRECTORY):
-        raise ValueError(
-            f"--dataset_name={FASHION_MNIST_DIRECTORY} (the fashion-mnist recipe's default) does not hold "
-            "Fashion-MNIST: install it with `apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or pass "
-            "--dataset_name with a folder holding train-images-idx3-ubyte.gz and the three other IDX files."
-        )
+    protocol_args.check_recipe_data(args)
     funlora_peft.get_function(args.function)
-    if args.resolution is not None:
+    if args.resolution is not None and protocol_args.backbone_source(args) is None:
         protocol_args.unet_config_from_args(args, 1, args.resolution)
     if args.report_to not in ("tensorboard", "wandb", "all", "none"):
         raise ValueError(f"--report_to={args.report_to!r} must be 'tensorboard', 'wandb', 'all' or 'none'.")
@@ -401,7 +349,7 @@ def adapter_config(
         function=args.function,
         num_functions=args.num_functions,
         target_modules=target_modules,
-        **{name: getattr(args, name) for name in ("init_a_std", "init_b_std", "init_omega", "init_alpha")},
+        **protocol_args.adapter_init_kwargs(args),
     )
 
 
@@ -417,6 +365,10 @@ def run_key(args: argparse.Namespace, tasks: list[list[int]], num_processes: int
         "logit_mean logit_std use_ema ema_max_decay ema_inv_gamma ema_power class_balanced_batches"
     ).split()
     key = {name: getattr(args, name) for name in keys}
+    # The backbone's source, when a file or a model gives it (absent otherwise, so earlier checkpoints still resume).
+    for name in ("model_config_name_or_path", "pretrained_model_name_or_path", "model_subfolder"):
+        if getattr(args, name) is not None:
+            key[name] = getattr(args, name)
     key["dataset_name"] = key["dataset_name"] or "digits"
     key.update(tasks=tasks, num_processes=num_processes, mixed_precision=mixed_precision)
     return key
@@ -452,12 +404,6 @@ def load_finished_tasks(config: dict, tasks: list[list[int]], upto_task: int, fo
                 f"{folder} does not hold {name} with classes {tasks[task]}: it belongs to another run or task layout."
             )
     return attach_tasks(unet, folder, names, index=index)  # sha256, class ids and every tensor checked
-
-
-def task_setting(args: argparse.Namespace, name: str, task: int):
-    """`--name` for task 0; for tasks 1, 2, ... `--task_name` when it is set, else `--name` too."""
-    override = getattr(args, f"task_{name}")
-    return getattr(args, name) if task == 0 or override is None else override
 
 
 def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
@@ -505,9 +451,7 @@ def prepare_run(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         start = TrainingState(task=1, task_step=0, global_step=0, run_key=key)
         return Run(data=data, tasks=tasks, model=model, key=key, start=start)
     if checkpoint is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            unet = UNet2DModel(**config)
+        unet = protocol_args.initial_unet(args, config, args.seed)
         model = get_peft_model(unet, adapter_config(args, tasks[0], 0), adapter_name=task_name(0))
         start = TrainingState(task=0, task_step=0, global_step=0, run_key=key)
         return Run(data=data, tasks=tasks, model=model, key=key, start=start)
@@ -593,7 +537,7 @@ def train_task(
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=task_setting(args, "lr_warmup_steps", task) * accelerator.num_processes,
+        num_warmup_steps=protocol_args.task_setting(args, "lr_warmup_steps", task) * accelerator.num_processes,
         num_training_steps=num_steps * accelerator.num_processes,
     )
     ema = None
@@ -622,7 +566,7 @@ def train_task(
             ema.optimization_step = run.start.ema_optimization_step or 0
 
     images, labels = task_dataset(run.data, run.tasks[task], split="train").tensors
-    global_batch = task_setting(args, "train_batch_size", task) * accelerator.num_processes
+    global_batch = protocol_args.task_setting(args, "train_batch_size", task) * accelerator.num_processes
     progress = tqdm(
         total=num_steps,
         initial=task_step,

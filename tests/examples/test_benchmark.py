@@ -7,6 +7,7 @@ zero forgetting with bit-identical old samples, the equal step budget), not the 
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,55 @@ def test_quick_mode_lowers_the_budget_but_explicit_flags_win(benchmark):
     default = benchmark.parse_args([])
     assert quick.first_task_steps < default.first_task_steps and quick.seeds == "0"
     assert benchmark.parse_args(["--quick", "--seeds", "3,4"]).seeds == "3,4"
+
+
+@pytest.mark.slow
+def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path, monkeypatch):
+    output_dir, results = tiny_run
+    # Every finished job and the seed's classifier are kept; the same flags run again redo none of them.
+    kept = sorted(path.name for path in (output_dir / "jobs").iterdir())
+    assert "classifier-seed0.safetensors" in kept and "funlora-cos-seed0.json" in kept
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kept job was run again")
+
+    monkeypatch.setattr(benchmark, "run_job", refuse)
+    monkeypatch.setattr(benchmark, "make_evaluator", refuse)
+    again = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(output_dir)]))
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))
+    monkeypatch.undo()
+
+    # A stop after some jobs: only the missing ones run, and a kept job made with other flags is made again.
+    partial = tmp_path / "partial"
+    shutil.copytree(output_dir / "jobs", partial / "jobs")
+    (partial / "jobs" / "finetune-seed0.json").unlink()
+    stale = json.loads((partial / "jobs" / "joint-seed0.json").read_text())
+    stale["settings"]["learning_rate"] = 1.0
+    (partial / "jobs" / "joint-seed0.json").write_text(json.dumps(stale))
+    ran = []
+    real_run_job = benchmark.run_job
+
+    def counting(args, key, seed, classifier_state):
+        ran.append(key)
+        return real_run_job(args, key, seed, classifier_state)
+
+    monkeypatch.setattr(benchmark, "run_job", counting)
+    benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "joint,finetune,lora1"]))
+    assert sorted(ran) == ["finetune", "joint"]
+    assert json.loads((partial / "jobs" / "joint-seed0.json").read_text())["settings"]["learning_rate"] == 2e-3
+
+
+def test_later_task_batch_size_and_the_joint_budget(benchmark):
+    args = benchmark.parse_args([*TINY, "--train_batch_size", "8", "--task_train_batch_size", "4"])
+    assert benchmark.task_batch_sizes(args, 0) == [8] * 4 and benchmark.task_batch_sizes(args, 1) == [4] * 3
+    # Without --task_train_batch_size every task takes --train_batch_size.
+    assert benchmark.task_batch_sizes(benchmark.parse_args(TINY), 1) == [8] * 3
+
+
+def test_recipe_sets_the_flags_the_benchmark_declares(benchmark):
+    recipe = load_example("protocol_args").RECIPES["fashion-mnist"]
+    args = benchmark.parse_args(["--recipe", "fashion-mnist", "--task_steps", "5"])
+    shared = {name: value for name, value in recipe.items() if hasattr(benchmark.parse_args([]), name)}
+    assert "function" not in shared and "init_omega" in shared and "task_train_batch_size" in shared
+    assert {name: getattr(args, name) for name in shared} == {**shared, "task_steps": 5}
+    assert not hasattr(args, "function")  # each method names its own family

@@ -453,7 +453,7 @@ def test_train_script_resumes_a_selected_run_with_the_same_selection(pushed_trai
 
 
 def test_recipe_sets_its_flags_and_explicit_flags_win(train_module):
-    recipe = train_module.RECIPES["fashion-mnist"]
+    recipe = load_example("protocol_args").RECIPES["fashion-mnist"]
     args = train_module.parse_args(["--recipe", "fashion-mnist"])
     assert {name: getattr(args, name) for name in recipe} == recipe
     assert args.dataset_name == "/usr/share/datasets/fashion-mnist" and args.resolution == 28
@@ -466,9 +466,72 @@ def test_recipe_sets_its_flags_and_explicit_flags_win(train_module):
 
 
 def test_recipe_without_the_dataset_says_how_to_install_it(train_module, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "is_idx_directory", lambda directory: False)  # a machine without the package
+    monkeypatch.setattr(load_example("protocol_args"), "is_idx_directory", lambda directory: False)  # a machine without the package
     out = tmp_path / "out"
     args = train_module.parse_args(["--recipe", "fashion-mnist", "--output_dir", str(out), "--report_to", "none"])
     with pytest.raises(SystemExit) as info:
         train_module.main(args)
     assert "apt-get install dataset-fashion-mnist" in str(info.value.code) and not out.exists()
+
+
+def test_cifar100_recipe_runs_a_few_steps_on_a_tiny_rgb_imagefolder(train_module, tmp_path):
+    """The paper's CIFAR-100 flags, shrunk only in data, budget and UNet size (a config file with attention at two
+    levels, which the UNet flags cannot express)."""
+    from diffusers import UNet2DModel
+    from PIL import Image
+
+    data = tmp_path / "rgb"
+    for class_name in ("apple", "bear", "bus", "cloud"):
+        for i in range(4):
+            (data / class_name).mkdir(parents=True, exist_ok=True)
+            colour = (60 * i, 200 - 40 * i, 50 * len(class_name))
+            Image.new("RGB", (8, 8), color=colour).save(data / class_name / f"{i}.png")
+    unet_dir = tmp_path / "unet"
+    UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).save_config(unet_dir)
+    out = tmp_path / "out"
+    argv = ["--recipe", "cifar100", "--dataset_name", str(data), "--image_column", "image", "--label_column", "label"]
+    argv += ["--resolution", "8", "--classes_per_task", "2", "--model_config_name_or_path", str(unet_dir)]
+    argv += ["--train_batch_size", "4", "--first_task_steps", "2", "--task_steps", "1", "--lr_warmup_steps", "1"]
+    argv += ["--task_lr_warmup_steps", "0", "--eval_samples_per_class", "2", "--classifier_steps", "2"]
+    argv += ["--cas_steps_per_class", "1", "--grid_samples_per_class", "1", "--num_inference_steps", "2"]
+    argv += ["--output_dir", str(out), "--report_to", "none", "--num_threads", "1"]
+    args = train_module.parse_args(argv)
+    # What the recipe sets and this command does not: EMA, the adapters' settings, the sampler; bf16 only on CUDA.
+    assert args.use_ema and args.ema_max_decay == 0.9999 and args.init_omega == 0.3 and args.num_functions == 10
+    assert args.mixed_precision == ("bf16" if torch.cuda.is_available() else None)
+    train_module.main(args)
+    index = json.loads((out / "funlora.json").read_text())
+    assert [task["class_ids"] for task in index["tasks"]] == [[0, 1], [2, 3]]
+    saved = json.loads((out / "backbone" / "config.json").read_text())
+    assert saved["down_block_types"] == ["AttnDownBlock2D", "AttnDownBlock2D"] and saved["in_channels"] == 3
+    pipe = load_pipeline(out)
+    assert sample_images(pipe, [0, 3]).shape == (2, 3, 8, 8)
+
+
+def test_pretrained_backbone_starts_from_its_weights_and_a_class_embedding_unet_is_refused(train_module, tmp_path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(5)
+    unet = UNet2DModel(**train_module.protocol_args.unet_config_from_args(train_module.parse_args([]), 1, 8))
+    unet.save_pretrained(tmp_path / "pretrained")
+    args = train_module.parse_args([*TINY_TRAIN_ARGS, "--pretrained_model_name_or_path", str(tmp_path / "pretrained")])
+    config = train_module.protocol_args.unet_config_from_args(args, 1, 8)
+    started = train_module.protocol_args.initial_unet(args, config, args.seed)
+    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), unet.state_dict().values()))
+    unet.save_config(tmp_path / "conditional")
+    config_file = tmp_path / "conditional" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_class_embeds": 10}))
+    out = tmp_path / "out"
+    conditional = str(tmp_path / "conditional")
+    error = run_main(train_module, "--output_dir", str(out), "--model_config_name_or_path", conditional)
+    assert "is a class-embedding UNet" in error and "--model_config_name_or_path" in error and not out.exists()
