@@ -1,10 +1,12 @@
-"""The `funlora` command: sample a grid from a run folder or Hub repo, or download some of its tasks.
+"""The `funlora` command: sample a grid from a run folder or Hub repo, download some of its tasks, or inspect them.
 
 ```bash
 funlora sample me/funlora-digits --classes 3,7 --num_samples 16 --output grid.png   # loads only the tasks of 3 and 7
 funlora sample runs/digits --classes 0 --num_inference_steps 50 --seed 1 --output zero.png
 funlora sample runs/digits --tasks task_0,task_2 --output tasks_0_2.png             # every class of two tasks
 funlora download me/funlora-digits --tasks task_0,task_2 --revision main            # prints the local folder
+funlora inspect runs/digits --output_dir plots/   # rank of F_y per layer, alpha / omega over classes (the paper's
+                                                  # Figs. 4 and 5): rank.png, alpha_omega.png, diagnostics.json
 ```
 
 Errors in the arguments exit with status 2 and a message naming the argument and the fix.
@@ -46,8 +48,8 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `funlora` (subcommands `sample` and `download`)."""
-    parser = argparse.ArgumentParser(prog="funlora", description="Sample from or download FunLoRA runs.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{sample,download}")
+    parser = argparse.ArgumentParser(prog="funlora", description="Sample from, download or inspect FunLoRA runs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{sample,download,inspect}")
 
     hub = argparse.ArgumentParser(add_help=False)
     hub.add_argument("--revision", default=None, help="Branch, tag or commit id of a Hub repo (default: main).")
@@ -97,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("source", metavar="REPO", help="Hub repo id 'user/name'.")
     download.add_argument("--tasks", type=_name_list, default=None, help="Comma-separated tasks (default: all).")
     download.add_argument("--local_dir", type=Path, default=None, help="Download into this folder, not the cache.")
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[hub],
+        help="Plot what the adapters became: rank of F_y per layer, alpha and omega over classes.",
+        description="Write rank.png (rank of F_y per adapted layer, mean and range over classes), alpha_omega.png "
+        "(mean and std over classes of alpha_i and omega_i per layer) and diagnostics.json, and print a table.",
+    )
+    inspect.add_argument("source", metavar="REPO_OR_FOLDER", help="A run folder or a Hub repo id 'user/name'.")
+    inspect.add_argument("--output_dir", type=Path, default=None, help="The folder to write the plots to (required).")
+    inspect.add_argument(
+        "--tasks", type=_name_list, default=None, help="Comma-separated tasks whose classes count (default: all)."
+    )
     return parser
 
 
@@ -164,6 +179,24 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .diagnostics import adapter_diagnostics, summary_table, write_diagnostics
+    from .pipeline import FunLoRAPipeline
+
+    if args.output_dir is None:
+        parser.error("--output_dir is required: the folder to write the plots to, e.g. --output_dir plots/.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output_dir {str(args.output_dir)!r} is a file; name a folder, e.g. plots/.")
+    pipe = FunLoRAPipeline.from_pretrained(
+        args.source, tasks=args.tasks, revision=args.revision, token=args.token, cache_dir=args.cache_dir
+    )
+    layers = adapter_diagnostics(pipe.unet)
+    paths = write_diagnostics(layers, args.output_dir, title=f"rank of F_y: {args.source}")
+    print(summary_table(layers), end="")
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `funlora` with `argv` (default: the command line); returns 0, or exits with status 2 on bad input.
 
@@ -180,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample":
             return _sample(args, parser)
+        if args.command == "inspect":
+            return _inspect(args, parser)
         return _download(args)
     except ValueError as err:
         # Loader errors name the problem and the fix already; show them without a traceback.
