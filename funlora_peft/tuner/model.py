@@ -401,6 +401,20 @@ class FunLoRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------------------------
     # Merging and unloading
 
+    def _merged_weights(self, owner: str, class_label: int, safe_merge: bool) -> list[torch.Tensor | None]:
+        """W_y of `class_label` for every FunLoRA conv, computed before anything is written; with `safe_merge`, a
+        non-finite one raises and the model is left as it was."""
+        named = self._named_funlora_layers()
+        weights = [layer.merged_weight(owner, class_label) for _, layer in named]
+        if safe_merge:
+            for (name, _), weight in zip(named, weights):
+                if weight is not None and not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"Merging class {class_label} of adapter {owner!r} gives non-finite weights in {name!r}; "
+                        "nothing was merged: the model is left as it was."
+                    )
+        return weights
+
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False, class_label: int | None = None) -> None:
         """Write W_y of `class_label` into every adapted conv (a batch of that class then runs at plain-UNet cost).
 
@@ -418,14 +432,7 @@ class FunLoRAModel(BaseTuner):
                 f"Class {merged_classes.pop()} is already merged into the convs; call unmerge_adapter() before "
                 f"merging class {class_label}."
             )
-        weights = [layer.merged_weight(owner, class_label) for layer in layers]
-        if safe_merge:
-            for (name, _), weight in zip(self._named_funlora_layers(), weights):
-                if weight is not None and not torch.isfinite(weight).all():
-                    raise ValueError(
-                        f"Merging class {class_label} of adapter {owner!r} gives non-finite weights in {name!r}; "
-                        "nothing was merged."
-                    )
+        weights = self._merged_weights(owner, class_label, safe_merge)
         for layer, weight in zip(layers, weights):
             layer._write_merged(owner, class_label, weight)
 
@@ -465,14 +472,7 @@ class FunLoRAModel(BaseTuner):
         """
         owner = self._owner_of(class_label)
         class_label = as_class_id(class_label)
-        weights = [layer.merged_weight(owner, class_label) for layer in self._funlora_layers()]
-        if safe_merge:
-            for (name, _), weight in zip(self._named_funlora_layers(), weights):
-                if weight is not None and not torch.isfinite(weight).all():
-                    raise ValueError(
-                        f"Merging class {class_label} of adapter {owner!r} gives non-finite weights in {name!r}; the "
-                        "model is left as it was."
-                    )
+        weights = self._merged_weights(owner, class_label, safe_merge)
         self.unmerge_adapter()
         return self._unload_and_optionally_merge(merge=True, weights=weights)
 
