@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, TINY_TRAIN_ARGS, load_example, load_pipeline, sample_images
+from conftest import EXAMPLES, ROOT, TINY_TRAIN_ARGS, UNET_CONFIGS, load_example, load_pipeline, sample_images
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -487,17 +487,10 @@ def test_cifar100_recipe_runs_a_few_steps_on_a_tiny_rgb_imagefolder(train_module
             colour = (60 * i, 200 - 40 * i, 50 * len(class_name))
             Image.new("RGB", (8, 8), color=colour).save(data / class_name / f"{i}.png")
     unet_dir = tmp_path / "unet"
-    UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ).save_config(unet_dir)
+    attention_everywhere = dict(down_block_types=("AttnDownBlock2D",) * 2, up_block_types=("AttnUpBlock2D",) * 2)
+    UNet2DModel(**{**UNET_CONFIGS["attn"], "in_channels": 3, "out_channels": 3, **attention_everywhere}).save_config(
+        unet_dir
+    )
     out = tmp_path / "out"
     argv = ["--recipe", "cifar100", "--dataset_name", str(data), "--image_column", "image", "--label_column", "label"]
     argv += ["--resolution", "8", "--classes_per_task", "2", "--model_config_name_or_path", str(unet_dir)]
