@@ -466,7 +466,8 @@ def test_recipe_sets_its_flags_and_explicit_flags_win(train_module):
 
 
 def test_recipe_without_the_dataset_says_how_to_install_it(train_module, tmp_path, monkeypatch):
-    monkeypatch.setattr(load_example("protocol_args"), "is_idx_directory", lambda directory: False)  # a machine without the package
+    # A machine without the Debian package.
+    monkeypatch.setattr(load_example("protocol_args"), "is_idx_directory", lambda directory: False)
     out = tmp_path / "out"
     args = train_module.parse_args(["--recipe", "fashion-mnist", "--output_dir", str(out), "--report_to", "none"])
     with pytest.raises(SystemExit) as info:
