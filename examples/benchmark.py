@@ -692,7 +692,8 @@ def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir
     evaluator = make_evaluator(args, data, tasks, seed)
     state = {k: v.detach().cpu().contiguous() for k, v in evaluator.classifier.state_dict().items()}
     write_file_atomic(weights, lambda path: save_file(state, path))
-    keep(output_dir, name, settings, {"sha256": sha256_of(weights), "real_data_accuracy": evaluator.real_data_accuracy})
+    kept = {"sha256": sha256_of(weights), "real_data_accuracy": evaluator.real_data_accuracy}
+    keep(output_dir, name, settings, kept)
     return state, evaluator.real_data_accuracy
 
 

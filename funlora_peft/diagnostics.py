@@ -12,15 +12,16 @@ count as rank. An adapter at its identity initialisation (alpha = 0) has F_y = 0
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .continual.importance import _unet_name, block_of, unet_order
+from .continual.importance import block_of, unet_order
 from .tuner.layer import FunLoRALayer
+from .tuner.model import base_model_name
 
 RANK_PLOT, PARAMETERS_PLOT, DIAGNOSTICS_FILE = "rank.png", "alpha_omega.png", "diagnostics.json"
 
@@ -59,7 +60,7 @@ def adapter_diagnostics(model: nn.Module, adapter_names: Sequence[str] | None = 
         adapter_names: the adapters (tasks) whose classes count (default: all loaded). The adapters of one layer must
             share a function family and p, as the adapters of one run do.
     """
-    layers = {_unet_name(n): m for n, m in model.named_modules() if isinstance(m, FunLoRALayer)}
+    layers = {base_model_name(n): m for n, m in model.named_modules() if isinstance(m, FunLoRALayer)}
     if not layers:
         raise ValueError("adapter_diagnostics: `model` has no FunLoRA layer; load a run or attach adapters first.")
     known = sorted({a for m in layers.values() for a in m.funlora_a})

@@ -11,6 +11,7 @@ from PIL import Image
 from funlora_peft import FunLoRAConfig, FunLoRALayer, cli
 from funlora_peft.continual.importance import unet_order
 from funlora_peft.diagnostics import adapter_diagnostics
+from funlora_peft.tuner.model import base_model_name
 
 
 def _model(function: str, num_functions: int, alpha=None):
@@ -46,7 +47,7 @@ def test_layers_in_unet_order_with_the_statistics_over_classes():
             if ".funlora_alpha." in name:
                 parameter.copy_(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 2.0, 2.0]]))
     layers = adapter_diagnostics(model)
-    names = [name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, FunLoRALayer)]
+    names = [base_model_name(name) for name, m in model.named_modules() if isinstance(m, FunLoRALayer)]
     assert [layer.name for layer in layers] == unet_order(names)
     layer = layers[0]
     assert layer.function == "cos" and layer.num_functions == 3 and layer.class_ids == [0, 1, 2]

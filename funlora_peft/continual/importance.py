@@ -35,21 +35,11 @@ from torch import nn
 from ..flow_matching import flow_matching_loss, make_flow_matching_batch, t_to_model_timestep
 from ..tuner.config import FunLoRAConfig
 from ..tuner.layer import FunLoRALayer
+from ..tuner.model import base_model_name
 from .data import to_model_range
 
 PROBE_ADAPTER = "importance_probe"
 SELECTIONS = ("top_k", "fraction", "bottom_k", "random_k")
-
-# Prefixes PEFT puts in front of the base model's module names.
-_PEFT_PREFIXES = ("base_model.model.", "model.")
-
-
-def _unet_name(name: str) -> str:
-    """The module's name inside the base model (what `target_modules` matches), without PEFT's prefixes."""
-    for prefix in _PEFT_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
 
 
 def compute_layer_importance(model: nn.Module, adapter_names: Sequence[str] | None = None) -> dict[str, float]:
@@ -88,7 +78,7 @@ def compute_layer_importance(model: nn.Module, adapter_names: Sequence[str] | No
                 continue
             # Mean over (o, i) per class, then mean over all classes of those adapters.
             per_class = torch.cat([module.functional_matrix(a).double().mean(dim=(1, 2)) for a in names])
-            scores[_unet_name(name)] = per_class.mean().item()
+            scores[base_model_name(name)] = per_class.mean().item()
     return {name: scores[name] for name in unet_order(scores)}
 
 

@@ -514,6 +514,16 @@ class FunLoRAModel(BaseTuner):
 
 
 _SAVED_PREFIX = "base_model.model."  # what PEFT's save_pretrained puts before the base model's module names
+# What PEFT puts before the base model's module names: in a PeftModel, and in the tuner model (`PeftModel.base_model`).
+_PEFT_PREFIXES = (_SAVED_PREFIX, "model.")
+
+
+def base_model_name(name: str) -> str:
+    """The module's name inside the base model (what `target_modules` matches), without PEFT's prefixes."""
+    for prefix in _PEFT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -525,8 +535,7 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Para
     for name, module in model.named_modules():
         if not isinstance(module, FunLoRALayer):
             continue
-        for prefix in ("base_model.model.", "model."):
-            name = name.removeprefix(prefix)
+        name = base_model_name(name)
         for store_name in FunLoRALayer.adapter_layer_names:
             store = getattr(module, store_name)
             if adapter_name in store:
