@@ -92,6 +92,7 @@ from funlora_peft.continual.evaluation import (
 )
 from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
 from funlora_peft.continual.tasks import task_dataset
+from funlora_peft.diagnostics import adapter_diagnostics
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
 from funlora_peft.run_folder import read_json, sha256_of, task_name, write_file_atomic, write_json_atomic
 
@@ -331,6 +332,8 @@ class FunLoRALearner(Learner):
         self.method = method
         self.target_modules: list[str] | None = None  # None: every conv
         self.importance: dict | None = None
+        # The rank of F_y of each task's adapter before and after its training (mean and max over convs x classes).
+        self.rank_per_task: list[dict] = []
         self.model = get_peft_model(_seeded_unet(config, seed), self.adapter_config(0), adapter_name=task_name(0))
         self.model.to(device)
 
@@ -351,6 +354,7 @@ class FunLoRALearner(Learner):
             self.model.to(self.device)
         training.set_trainable(self.model, task)
         self.model.train()
+        self.rank_per_task.append({"task": task, "initial": self.rank_of(task, unit_alpha=True)})
         return training.optimizer_groups(
             self.model,
             task,
@@ -358,7 +362,17 @@ class FunLoRALearner(Learner):
             adapter_learning_rate=self.args.adapter_learning_rate,
         )
 
+    def rank_of(self, task: int, unit_alpha: bool = False) -> dict:
+        """The rank of F_y of `task`'s adapter over its convs x classes (mean, max) and p, its ceiling for rshift.
+
+        `unit_alpha`: with every alpha_i = 1, the rank the initial terms span (an untrained F_y is 0: alpha = 0).
+        """
+        diagnostics = adapter_diagnostics(self.model, [task_name(task)], unit_alpha=unit_alpha)
+        ranks = [r for layer in diagnostics for r in layer.rank]
+        return {"mean": sum(ranks) / len(ranks), "max": max(ranks), "num_functions": self.method.num_functions}
+
     def end_task(self, task: int) -> None:
+        self.rank_per_task[-1]["trained"] = self.rank_of(task)
         if task == 0 and self.method.top_k:
             # Rank the convs by task 0's adapter (method.md §4); later tasks adapt only the top-k.
             self.importance = compute_layer_importance(self.model)
@@ -649,6 +663,8 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
             accuracy_matrix=metrics.accuracy_matrix.rows,
             old_samples_identical=metrics.old_samples_identical,
         )
+    if method.kind == "funlora":
+        result["rank_per_task"] = learner.rank_per_task
     if method.top_k:
         result["target_modules_after_task_0"] = learner.target_modules
         result["layer_importance"] = {k: float(v) for k, v in learner.importance.items()}
@@ -680,6 +696,18 @@ def read_kept(output_dir: Path, name: str, settings: dict) -> dict | None:
 
 def keep(output_dir: Path, name: str, settings: dict, result: dict) -> None:
     write_json_atomic(_job_file(output_dir, f"{name}.json"), {"settings": settings, "result": result})
+
+
+def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """Every (method, seed) job of jobs/ made with `settings`, but those in `exclude`."""
+    found = {}
+    for path in sorted((output_dir / JOBS_SUBFOLDER).glob("*-seed*.json")):
+        key, _, seed = path.stem.rpartition("-seed")
+        if key in METHODS and seed.isdigit() and (key, int(seed)) not in exclude:
+            result = read_kept(output_dir, path.stem, settings)
+            if result is not None:
+                found[key, int(seed)] = result
+    return found
 
 
 def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
@@ -728,6 +756,15 @@ def summarize(runs: list[dict]) -> dict:
         dict(zip(("mean", "std"), _mean_std([run["stages"][k]["cas"] for run in runs]))) for k in range(num_stages)
     ]
     summary["task_of_stage"] = [stage["task"] for stage in runs[0]["stages"]]
+    ranked = [run for run in runs if "rank_per_task" in run]  # jobs kept from before the rank was recorded lack it
+    if ranked:
+        summary["rank_seeds"] = [run["seed"] for run in ranked]
+        # Tasks >= 1 (the continual adapters; task 0's is trained with the backbone), the mean over tasks per seed.
+        later = [[task for task in run["rank_per_task"] if task["task"] > 0] for run in ranked]
+        for when in ("initial", "trained"):
+            per_seed = [statistics.fmean(task[when]["mean"] for task in tasks) for tasks in later]
+            summary[f"rank_{when}"] = dict(zip(("mean", "std"), _mean_std(per_seed)))
+        summary["rank_trained_max"] = max(task["trained"]["max"] for tasks in later for task in tasks)
     return summary
 
 
@@ -745,11 +782,10 @@ def batch_sizes_text(args: argparse.Namespace) -> str:
 
 
 def results_table(args, methods: list[Method], summaries: dict, info: dict, notes: list[str]) -> str:
-    seeds = protocol_args.int_list("--seeds", args.seeds, "0,1,2")
     lines = [
         f"Class-incremental {info['dataset']} at {args.resolution}x{args.resolution}: {info['num_tasks']} tasks "
         f"({info['task_layout']}); UNet2DModel block_out_channels ({args.block_out_channels}), layers_per_block "
-        f"{args.layers_per_block}; {len(seeds)} seed(s) {seeds}; mean ± std over seeds.",
+        f"{args.layers_per_block}; mean ± std over the seeds of each row.",
         f"Equal budget: every continual method takes {args.first_task_steps} steps on task 0 and {args.task_steps} "
         f"steps on each later task ({info['total_steps']} steps), joint training takes {info['total_steps']} steps "
         f"on all classes; batch {batch_sizes_text(args)} for all, with the same per-step batch indices, noise "
@@ -763,18 +799,38 @@ def results_table(args, methods: list[Method], summaries: dict, info: dict, note
         f"replay pools included. Sampling: {SAMPLING_IMAGES} images of mixed classes in one batch, Euler. Peak "
         f"memory: {info['memory_method']}. Machine: {info['machine']}.",
         "",
-        "| method | final CAS | average incremental CAS | forgetting | FD | extra parameters per class | "
+        "| method | seeds | final CAS | average incremental CAS | forgetting | FD | extra parameters per class | "
         f"training time (s) | sampling {SAMPLING_IMAGES} images (s, NFE) | peak memory (MB) |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for method in methods:
         s = summaries[row_name(method, args)]
+        seeds = ",".join(map(str, s["seeds"]))
         lines.append(
-            f"| {row_name(method, args)} | {_pm(s['final_cas'])} | {_pm(s['average_incremental_cas'])} | "
+            f"| {row_name(method, args)} | {seeds} | {_pm(s['final_cas'])} | {_pm(s['average_incremental_cas'])} | "
             f"{_pm(s['forgetting'])} | {_pm(s['fd'], 2)} | {s['extra_parameters_per_class']['mean']:,.0f} | "
             f"{s['train_seconds']['mean']:.1f} | {s['sampling_seconds']['mean']:.2f} ({s['nfe']}) | "
             f"{s['peak_memory_mb']['mean']:.0f} |"
         )
+    ranked = [m for m in methods if summaries[row_name(m, args)].get("rank_initial")]
+    if ranked:
+        lines += [
+            "",
+            "Rank of F_y, over the adapted convs and the classes of tasks >= 1: at initialisation with every "
+            "alpha_i = 1 (the rank the p initial terms span; alpha starts at 0, so F_y itself starts at 0) and "
+            "after training.",
+            "",
+            "| method | seeds | p | mean rank at initialisation (alpha = 1) | mean rank trained | highest rank "
+            "trained |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for method in ranked:
+            s = summaries[row_name(method, args)]
+            lines.append(
+                f"| {row_name(method, args)} | {','.join(map(str, s['rank_seeds']))} | {method.num_functions} | "
+                f"{_pm(s['rank_initial'], 1)} | "
+                f"{_pm(s['rank_trained'], 1)} | {s['rank_trained_max']} |"
+            )
     for note in notes:
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
@@ -867,6 +923,16 @@ def main(args: argparse.Namespace) -> dict:
         else:
             record(result, kept=True)
     jobs = pending
+    # Jobs kept with the same settings by earlier runs of other methods or seeds join the table: a benchmark run in
+    # pieces (one command per method, across sessions) reports in one table.
+    others = kept_jobs(output_dir, settings, exclude={(m.key, seed) for m in methods for seed in seeds})
+    for method in [m for m in METHODS.values() if m.key in {key for key, _ in others}]:
+        if method not in methods:
+            methods.append(method)
+            runs[row_name(method, args)] = []
+    for result in others.values():
+        runs[result["name"]].append(result)
+    methods.sort(key=lambda method: list(METHODS).index(method.key))
 
     if args.num_workers == 0:
         for key, seed in jobs:
@@ -882,6 +948,7 @@ def main(args: argparse.Namespace) -> dict:
             for future in as_completed(futures):
                 record(future.result())
 
+    runs = {row_name(method, args): runs[row_name(method, args)] for method in methods}  # in the table's order
     summaries = {}
     for name, method_runs in runs.items():
         runs[name] = sorted(method_runs, key=lambda run: run["seed"])

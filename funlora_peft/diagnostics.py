@@ -52,13 +52,17 @@ def _std(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adapter_diagnostics(model: nn.Module, adapter_names: Sequence[str] | None = None) -> list[LayerDiagnostics]:
+def adapter_diagnostics(
+    model: nn.Module, adapter_names: Sequence[str] | None = None, unit_alpha: bool = False
+) -> list[LayerDiagnostics]:
     """The diagnostics of every conv with FunLoRA tensors, in U-Net order.
 
     Args:
         model: a model with FunLoRA layers (a `PeftModel`, its base model, or a pipeline's `unet`).
         adapter_names: the adapters (tasks) whose classes count (default: all loaded). The adapters of one layer must
             share a function family and p, as the adapters of one run do.
+        unit_alpha: the rank of F_y with every alpha_i = 1 instead of the stored alpha: the rank the terms f_i(a, b)
+            span, which an untrained adapter (alpha = 0, F_y = 0) would start from.
     """
     layers = {base_model_name(n): m for n, m in model.named_modules() if isinstance(m, FunLoRALayer)}
     if not layers:
@@ -80,7 +84,8 @@ def adapter_diagnostics(model: nn.Module, adapter_names: Sequence[str] | None = 
         (function, p), family = families.pop(), module.funlora_function[adapters[0]]
         ranks, alphas, omegas, class_ids = [], [], [], []
         for a in adapters:
-            stored = [module.funlora_a[a], module.funlora_b[a], module.funlora_alpha[a]]
+            alpha = module.funlora_alpha[a]
+            stored = [module.funlora_a[a], module.funlora_b[a], torch.ones_like(alpha) if unit_alpha else alpha]
             omega = module.funlora_omega[a].double() if a in module.funlora_omega else None
             matrices = family.compute(*(t.double() for t in stored), omega)
             ranks += torch.linalg.matrix_rank(matrices).tolist()

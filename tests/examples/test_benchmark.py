@@ -61,7 +61,8 @@ def test_writes_every_file_and_every_row(benchmark, tiny_run):
         assert (output_dir / name).stat().st_size > 0, name
     assert (output_dir / "accuracy_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (output_dir / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    main_table = table.split("Rank of F_y")[0]
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     names = [row.split("|")[1].strip() for row in rows]
     expected = _expected_rows(benchmark)
     assert names == expected
@@ -82,6 +83,22 @@ def test_writes_every_file_and_every_row(benchmark, tiny_run):
     for column in ("final CAS", "average incremental CAS", "forgetting", "FD", "extra parameters per class"):
         assert column in header
     assert all(row.count("|") == header.count("|") for row in rows)
+    # The rank F_y reached: a table row per FunLoRA method; `linear` (p = 1) is rank 1 by construction.
+    ranks = {
+        run["name"]: run["rank_per_task"]
+        for runs in results["runs"].values()
+        for run in runs
+        if "rank_per_task" in run
+    }
+    assert sorted(ranks) == sorted(name for name in expected if name.startswith("FunLoRA"))
+    for name, per_task in ranks.items():
+        assert [task["task"] for task in per_task] == [0, 1], name
+        for task in per_task:
+            for when in ("initial", "trained"):
+                assert 1 <= task[when]["mean"] <= task[when]["max"] <= 32, (name, task)  # the widest conv: 32
+    assert all(task["trained"]["max"] == 1 for task in ranks["FunLoRA linear"])
+    rank_rows = [line for line in table.split("Rank of F_y")[1].splitlines() if line.startswith("| FunLoRA")]
+    assert [row.split("|")[1].strip() for row in rank_rows] == list(ranks)
     on_disk = json.loads((output_dir / "results.json").read_text())
     assert sorted(on_disk["summaries"]) == sorted(expected)
     assert on_disk["task_layout"] == [[0, 1], [2, 3]] == results["task_layout"]
@@ -199,6 +216,12 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "joint,finetune,lora1"]))
     assert sorted(ran) == ["finetune", "joint"]
     assert json.loads((partial / "jobs" / "joint-seed0.json").read_text())["settings"]["learning_rate"] == 2e-3
+
+    # One method asked for: the table still reports every job kept with the same settings, in the usual order.
+    monkeypatch.setattr(benchmark, "run_job", refuse)
+    one = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
+    assert list(one["runs"]) == _expected_rows(benchmark)
+    assert one["runs"]["FunLoRA cos"] == json.loads(json.dumps(results["runs"]["FunLoRA cos"]))
 
 
 def test_later_task_batch_size_and_the_joint_budget(benchmark):
