@@ -678,6 +678,31 @@ def test_sampling_builds_the_class_weights_once_and_a_parameter_update_rebuilds_
         assert torch.equal(model(x_t, t, class_labels=MIXED).sample, first)
 
 
+@pytest.mark.parametrize("function", ["cos", "linear"])
+def test_training_keeps_the_factors_for_backward_not_the_class_scales(unet_name, function):
+    """A (classes, out, in) scale tensor per conv weighs, for 10 classes, as much as the backbone: backward rebuilds
+    it from the classes' factors instead of keeping it (nor the stacked weights)."""
+    model = two_task_model(unet_name, function)
+    x_t, t = make_inputs(model.base_model.model, batch_size=6)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x_t, t, class_labels=MIXED).sample.square().mean()
+    classes = len(MIXED.unique())
+    for layer in funlora_layers(model):
+        out_channels, in_channels, *kernel = layer.get_base_layer().weight.shape
+        assert (classes, out_channels, in_channels) not in saved, layer
+        assert (classes * out_channels, in_channels, *kernel) not in saved, layer
+    loss.backward()
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and "funlora_" in n]
+    assert trained and all(p.grad is not None for p in trained)
+    assert all(p.grad.abs().sum() > 0 for p in trained if p.shape[0] == 2)  # task_0's rows: both classes present
+
+
 @pytest.mark.parametrize(
     "conv_kwargs",
     [

@@ -265,22 +265,29 @@ class FunLoRALayer(BaseTunerLayer):
 
     def _class_scales(self, plan: RoutingPlan) -> torch.Tensor:
         """1 + F_y for every class of the batch, in layout order: `(classes, out_channels, in_channels)`, fp32."""
-        scales = []
+        build, factors = self._scale_factors(plan)
+        return build(*factors)
+
+    def _scale_factors(self, plan: RoutingPlan) -> tuple[ClassScales, list[torch.Tensor]]:
+        """The adapter tensors of the classes of the batch (rows gathered) and the function building 1 + F_y of them.
+
+        The training path passes both to `_ClassConv2d`, which keeps the small factors for backward and rebuilds the
+        `(classes, out, in)` scales from them rather than keeping them.
+        """
+        layout, factors = [], []
         for group in plan.groups:
-            if group.adapter_name not in self.funlora_a:
-                # The adapter does not target this layer: its classes use W0 here.
-                scales.append(
-                    torch.ones(len(group.rows), self.out_channels, self.in_channels, device=group.rows.device)
-                )
-            else:
-                name = group.adapter_name
-                a, b, alpha = self.funlora_a[name], self.funlora_b[name], self.funlora_alpha[name]
-                omega = self.funlora_omega[name] if name in self.funlora_omega else None
-                if not group.all_rows:
-                    a, b, alpha = a[group.rows], b[group.rows], alpha[group.rows]
-                    omega = omega[group.rows] if omega is not None else None
-                scales.append(self.funlora_function[name].scales(a, b, alpha, omega))
-        return scales[0] if len(scales) == 1 else torch.cat(scales)
+            name = group.adapter_name
+            if name not in self.funlora_a:
+                layout.append((None, len(group.rows), 0))  # the adapter does not target this layer: W0 here
+                continue
+            tensors = [self.funlora_a[name], self.funlora_b[name], self.funlora_alpha[name]]
+            if name in self.funlora_omega:
+                tensors.append(self.funlora_omega[name])
+            if not group.all_rows:
+                tensors = [tensor[group.rows] for tensor in tensors]
+            layout.append((self.funlora_function[name], len(group.rows), len(tensors)))
+            factors += tensors
+        return ClassScales(tuple(layout), self.out_channels, self.in_channels), factors
 
     def _class_weights(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stacked class weights W_y = W0 * scale_y `(classes * out, in, s, s)` and the repeated bias."""
@@ -387,26 +394,62 @@ class FunLoRALayer(BaseTunerLayer):
         self._merged_class = None
 
 
+@dataclass(frozen=True)
+class ClassScales:
+    """Builds 1 + F_y `(classes, out, in)` (fp32) from the adapter tensors of the classes of a batch, group by group.
+
+    `layout` holds, per adapter group in layout order, its function family (None: the adapter does not target the
+    layer, its classes get scale 1, i.e. W0), its number of classes and how many tensors it takes (a, b, alpha and,
+    for `cos`, omega).
+    """
+
+    layout: tuple[tuple[FunctionFamily | None, int, int], ...]
+    out_channels: int
+    in_channels: int
+
+    def __call__(self, *factors: torch.Tensor) -> torch.Tensor:
+        scales, position = [], 0
+        device = factors[0].device
+        for family, classes, count in self.layout:
+            if family is None:
+                scales.append(torch.ones(classes, self.out_channels, self.in_channels, device=device))
+            else:
+                a, b, alpha, *omega = factors[position : position + count]
+                scales.append(family.scales(a, b, alpha, omega[0] if omega else None))
+                position += count
+        return scales[0] if len(scales) == 1 else torch.cat(scales)
+
+
 class _ClassConv2d(torch.autograd.Function):
     """One grouped convolution of a class-interleaved batch with the stacked class weights W_y = W0 * scale_y.
 
-    `x` is `(chunk, classes * in, h, w)` (the class-interleaved batch viewed with the classes in the channels), the
-    weight `(classes * out, in, s, s)` is built here and NOT kept for backward: autograd would keep one weight copy
-    per class and conv; this keeps the scales `(classes, out, in)`, a kernel's area smaller, and rebuilds W_y.
+    `x` is `(chunk, classes * in, h, w)` (the class-interleaved batch viewed with the classes in the channels). Neither
+    the weight `(classes * out, in, s, s)` nor the scales `(classes, out, in)` it is built from are kept for backward
+    (for 10 classes the scales alone weigh as much as the backbone's weights): backward rebuilds both from W0 and the
+    classes' factors, which are kept instead (out + in + 2p numbers per class).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, stride, padding, dilation):
-        classes = scales.shape[0]
-        ctx.save_for_backward(x, weight, scales)
-        ctx.conv_args, ctx.has_bias = (stride, padding, dilation), bias is not None
+    def forward(ctx, x, weight, bias, conv_args, build_scales, *factors):
+        with torch.no_grad():
+            scales = build_scales(*factors)
+        classes, (stride, padding, dilation) = scales.shape[0], conv_args
+        ctx.save_for_backward(x, weight, *factors)
+        ctx.conv_args, ctx.has_bias, ctx.build_scales = conv_args, bias is not None, build_scales
         class_bias = None if bias is None else bias.repeat(classes)
         return F.conv2d(x, _stack_class_weights(weight, scales), class_bias, stride, padding, dilation, classes)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, scales = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_scales = ctx.needs_input_grad[:4]
+        x, weight, *factors = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_factors = ctx.needs_input_grad[5:]
+        need_scales = any(need_factors)
+        # The scales again, in the adapters' precision, with a graph to the factors that need a gradient.
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            leaves = [factor.detach().requires_grad_(need) for factor, need in zip(factors, need_factors)]
+            scales_graph = ctx.build_scales(*leaves)
+        scales = scales_graph.detach()
         stride, padding, dilation = ctx.conv_args
         classes, (out_channels, in_channels, height, width) = scales.shape[0], weight.shape
         grad_x, grad_class_weight, grad_class_bias = torch.ops.aten.convolution_backward(
@@ -435,7 +478,13 @@ class _ClassConv2d(torch.autograd.Function):
                 grad_weight = scaled.sum(dim=0).view(weight.shape).to(weight.dtype)
         if need_bias and ctx.has_bias:
             grad_bias = grad_class_bias.view(classes, out_channels).sum(dim=0)
-        return grad_x, grad_weight, grad_bias, grad_scales, None, None, None
+        grad_factors = [None] * len(factors)
+        if need_scales:
+            wanted = [index for index, leaf in enumerate(leaves) if leaf.requires_grad]
+            grads = torch.autograd.grad(scales_graph, [leaves[index] for index in wanted], grad_scales)
+            for index, grad in zip(wanted, grads):
+                grad_factors[index] = grad
+        return grad_x, grad_weight, grad_bias, None, None, *grad_factors
 
 
 def _stack_class_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -520,12 +569,13 @@ class Conv2d(nn.Module, FunLoRALayer):
         else:
             dtype = base.weight.dtype
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
-            with torch.autocast(x.device.type, enabled=False):  # F_y in the adapters' precision (fp32)
-                scales = self._class_scales(plan)
+            build_scales, factors = self._scale_factors(plan)
             weight, bias = base.weight.to(dtype), base.bias
             bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):  # the casts are differentiable, the scales stay fp32
-                out = _ClassConv2d.apply(grouped.to(dtype), weight, bias, scales, base.stride, padding, base.dilation)
+            conv_args = (base.stride, padding, base.dilation)
+            # F_y in the adapters' precision (fp32); the casts are differentiable
+            with torch.autocast(x.device.type, enabled=False):
+                out = _ClassConv2d.apply(grouped.to(dtype), weight, bias, conv_args, build_scales, *factors)
         else:
             weight, bias = self._cached_class_weights(plan)
             if weight.dtype != dtype:
