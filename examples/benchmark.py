@@ -100,6 +100,8 @@ RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_pe
 JOBS_SUBFOLDER = "jobs"  # one JSON per finished (method, seed) job and one classifier per seed: what a rerun reuses
 # Flags that change neither what a job computes nor its result.
 NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe")
+# Flags added after jobs were first kept, with the value those jobs ran with: a kept job without the flag matches it.
+LATER_FLAGS = {"num_functions": 10}
 SAMPLING_IMAGES = 100
 
 
@@ -112,7 +114,7 @@ class Method:
     kind: str  # "joint", "finetune", "replay", "lora", "funlora"
     rank: int = 0
     function: str = ""
-    num_functions: int = 10
+    num_functions: int | None = None  # None: --num_functions
     top_k: bool = False
 
 
@@ -135,6 +137,11 @@ METHODS = {
 QUICK_DEFAULTS = dict(
     seeds="0", first_task_steps=30, task_steps=10, eval_samples_per_class=16, classifier_epochs=5, lr_warmup_steps=5
 )
+
+
+def num_functions_of(method: Method, args: argparse.Namespace) -> int:
+    """p of a FunLoRA method: 1 for `linear`, --num_functions for the others."""
+    return args.num_functions if method.num_functions is None else method.num_functions
 
 
 def row_name(method: Method, args: argparse.Namespace) -> str:
@@ -197,6 +204,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "images, so that the replay pool is class-balanced).",
     )
     parser.add_argument("--top_k", type=int, default=15, help="Convs adapted in tasks >= 1 by funlora-cos-top15.")
+    parser.add_argument(
+        "--num_functions",
+        type=int,
+        default=10,
+        help="Number p of functions of the cos, rshift and power rows (linear has p = 1).",
+    )
     protocol_args.add_adapter_init_arguments(parser.add_argument_group("FunLoRA adapters"))
     protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=40)
     args = protocol_args.parse_with_recipe(parser, input_args)
@@ -234,7 +247,9 @@ def check_args(args: argparse.Namespace) -> None:
     protocol_args.check_at_least(
         args, 1, "resolution", "classes_per_task", "train_batch_size", "first_task_steps", "task_steps", "num_threads"
     )
-    protocol_args.check_at_least(args, 1, "top_k", "replay_samples_per_class", "task_train_batch_size")
+    protocol_args.check_at_least(
+        args, 1, "top_k", "replay_samples_per_class", "task_train_batch_size", "num_functions"
+    )
     protocol_args.check_at_least(args, 0, "num_workers", "lr_warmup_steps", "task_lr_warmup_steps")
     protocol_args.check_evaluation_arguments(args)
     protocol_args.check_recipe_data(args)
@@ -343,7 +358,7 @@ class FunLoRALearner(Learner):
             task,
             self.seed,
             function=self.method.function,
-            num_functions=self.method.num_functions,
+            num_functions=num_functions_of(self.method, self.args),
             target_modules=self.target_modules,
             **protocol_args.adapter_init_kwargs(self.args),
         )
@@ -369,7 +384,8 @@ class FunLoRALearner(Learner):
         """
         diagnostics = adapter_diagnostics(self.model, [task_name(task)], unit_alpha=unit_alpha)
         ranks = [r for layer in diagnostics for r in layer.rank]
-        return {"mean": sum(ranks) / len(ranks), "max": max(ranks), "num_functions": self.method.num_functions}
+        p = num_functions_of(self.method, self.args)
+        return {"mean": sum(ranks) / len(ranks), "max": max(ranks), "num_functions": p}
 
     def end_task(self, task: int) -> None:
         self.rank_per_task[-1]["trained"] = self.rank_of(task)
@@ -691,7 +707,9 @@ def read_kept(output_dir: Path, name: str, settings: dict) -> dict | None:
     if not path.is_file():
         return None
     kept = read_json(path)
-    return kept["result"] if isinstance(kept, dict) and kept.get("settings") == settings else None
+    if not isinstance(kept, dict) or not isinstance(kept.get("settings"), dict):
+        return None
+    return kept["result"] if {**LATER_FLAGS, **kept["settings"]} == settings else None
 
 
 def keep(output_dir: Path, name: str, settings: dict, result: dict) -> None:
@@ -827,7 +845,8 @@ def results_table(args, methods: list[Method], summaries: dict, info: dict, note
         for method in ranked:
             s = summaries[row_name(method, args)]
             lines.append(
-                f"| {row_name(method, args)} | {','.join(map(str, s['rank_seeds']))} | {method.num_functions} | "
+                f"| {row_name(method, args)} | {','.join(map(str, s['rank_seeds']))} | "
+                f"{num_functions_of(method, args)} | "
                 f"{_pm(s['rank_initial'], 1)} | "
                 f"{_pm(s['rank_trained'], 1)} | {s['rank_trained_max']} |"
             )

@@ -217,11 +217,27 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     assert sorted(ran) == ["finetune", "joint"]
     assert json.loads((partial / "jobs" / "joint-seed0.json").read_text())["settings"]["learning_rate"] == 2e-3
 
-    # One method asked for: the table still reports every job kept with the same settings, in the usual order.
+    # One method asked for: the table still reports every job kept with the same settings, in the usual order; a job
+    # kept before a flag existed matches that flag's value then (LATER_FLAGS).
+    older = json.loads((partial / "jobs" / "funlora-cos-seed0.json").read_text())
+    del older["settings"]["num_functions"]
+    (partial / "jobs" / "funlora-cos-seed0.json").write_text(json.dumps(older))
     monkeypatch.setattr(benchmark, "run_job", refuse)
     one = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
     assert list(one["runs"]) == _expected_rows(benchmark)
     assert one["runs"]["FunLoRA cos"] == json.loads(json.dumps(results["runs"]["FunLoRA cos"]))
+
+
+@pytest.mark.slow
+def test_num_functions_sets_p_of_the_functional_rows(benchmark, tmp_path):
+    methods = ["--methods", "funlora-rshift,funlora-linear", "--num_functions", "3"]
+    results = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(tmp_path), *methods]))
+    (rshift,), (linear,) = results["runs"]["FunLoRA rshift"], results["runs"]["FunLoRA linear"]
+    # rshift's F_y is a sum of p rank-1 terms: its rank is at most p, whatever training did
+    for task in rshift["rank_per_task"]:
+        assert task["trained"]["num_functions"] == 3 and task["trained"]["max"] <= 3, task
+    assert all(task["trained"]["num_functions"] == 1 for task in linear["rank_per_task"])
+    assert "| FunLoRA rshift | 0 | 3 |" in (tmp_path / "results.md").read_text()
 
 
 def test_later_task_batch_size_and_the_joint_budget(benchmark):
