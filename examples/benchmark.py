@@ -47,8 +47,9 @@ python examples/benchmark.py --recipe fashion-mnist --methods joint,finetune,rep
 Outputs in --output_dir: `results.md` (one markdown table, a row per method), `results.json` (the settings, every
 run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after each task, one line per method).
 `jobs/` keeps every finished (method, seed) job and each seed's real-data classifier: the same command run again
-after a stop runs only the jobs still missing (a kept job made with other flags is made again), so a long
-comparison can be finished over several sessions, and methods or seeds can be added later.
+after a stop runs only the jobs still missing (each file is named after a digest of the flags it was made with, so
+runs with other flags, e.g. the points of a sweep, keep theirs side by side in one folder), so a long comparison can
+be finished over several sessions, and methods or seeds can be added later.
 
 Metrics (per run, then mean +- sample std over seeds): final CAS and average incremental CAS (the mean of the CAS
 after each task; `evaluate_stage`), forgetting (`AccuracyMatrix.forgetting` of the per-task recognition accuracy of
@@ -63,8 +64,10 @@ memory (CPU: the peak resident set size of the process that ran the job, one fre
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -697,32 +700,47 @@ def job_settings(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_JOB_SETTINGS}))
 
 
-def _job_file(output_dir: Path, name: str) -> Path:
-    return output_dir / JOBS_SUBFOLDER / name
+# A kept file's name: `{name}-{digest of its settings}.json`, so that runs with other settings (a sweep) sharing one
+# output folder keep their jobs side by side; `{name}.json` is the name jobs were kept under before.
+_KEPT_NAME = re.compile(r"(?P<name>.+?)(-[0-9a-f]{12})?")
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _kept_file(output_dir: Path, name: str, settings: dict, suffix: str = ".json") -> Path:
+    return output_dir / JOBS_SUBFOLDER / f"{name}-{settings_digest(settings)}{suffix}"
+
+
+def find_kept(output_dir: Path, name: str, settings: dict) -> tuple[Path, dict] | None:
+    """The kept record `name` of jobs/ made with `settings` and its path, else None (the job is then made again)."""
+    for path in (_kept_file(output_dir, name, settings), output_dir / JOBS_SUBFOLDER / f"{name}.json"):
+        if not path.is_file():
+            continue
+        kept = read_json(path)
+        if isinstance(kept, dict) and isinstance(kept.get("settings"), dict):
+            if {**LATER_FLAGS, **kept["settings"]} == settings:
+                return path, kept["result"]
+    return None
 
 
 def read_kept(output_dir: Path, name: str, settings: dict) -> dict | None:
-    """The kept record `name` of jobs/ if it was made with `settings`, else None (it is then made again)."""
-    path = _job_file(output_dir, f"{name}.json")
-    if not path.is_file():
-        return None
-    kept = read_json(path)
-    if not isinstance(kept, dict) or not isinstance(kept.get("settings"), dict):
-        return None
-    return kept["result"] if {**LATER_FLAGS, **kept["settings"]} == settings else None
+    found = find_kept(output_dir, name, settings)
+    return None if found is None else found[1]
 
 
 def keep(output_dir: Path, name: str, settings: dict, result: dict) -> None:
-    write_json_atomic(_job_file(output_dir, f"{name}.json"), {"settings": settings, "result": result})
+    write_json_atomic(_kept_file(output_dir, name, settings), {"settings": settings, "result": result})
 
 
 def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     """Every (method, seed) job of jobs/ made with `settings`, but those in `exclude`."""
     found = {}
     for path in sorted((output_dir / JOBS_SUBFOLDER).glob("*-seed*.json")):
-        key, _, seed = path.stem.rpartition("-seed")
-        if key in METHODS and seed.isdigit() and (key, int(seed)) not in exclude:
-            result = read_kept(output_dir, path.stem, settings)
+        key, _, seed = _KEPT_NAME.fullmatch(path.stem)["name"].rpartition("-seed")
+        if key in METHODS and seed.isdigit() and (key, int(seed)) not in exclude | set(found):
+            result = read_kept(output_dir, f"{key}-seed{seed}", settings)
             if result is not None:
                 found[key, int(seed)] = result
     return found
@@ -731,12 +749,14 @@ def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -
 def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
     """The fixed real-data classifier of `seed` (its state and test accuracy), trained once and kept in jobs/."""
     settings, name = job_settings(args), f"classifier-seed{seed}"
-    weights = _job_file(output_dir, f"{name}.safetensors")
-    kept = read_kept(output_dir, name, settings)
-    if kept is not None and weights.is_file() and sha256_of(weights) == kept["sha256"]:
-        return load_file(weights), kept["real_data_accuracy"]
+    found = find_kept(output_dir, name, settings)
+    if found is not None:
+        weights, kept = found[0].with_suffix(".safetensors"), found[1]
+        if weights.is_file() and sha256_of(weights) == kept["sha256"]:
+            return load_file(weights), kept["real_data_accuracy"]
     evaluator = make_evaluator(args, data, tasks, seed)
     state = {k: v.detach().cpu().contiguous() for k, v in evaluator.classifier.state_dict().items()}
+    weights = _kept_file(output_dir, name, settings, ".safetensors")
     write_file_atomic(weights, lambda path: save_file(state, path))
     kept = {"sha256": sha256_of(weights), "real_data_accuracy": evaluator.real_data_accuracy}
     keep(output_dir, name, settings, kept)

@@ -185,9 +185,11 @@ def test_quick_mode_lowers_the_budget_but_explicit_flags_win(benchmark):
 @pytest.mark.slow
 def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path, monkeypatch):
     output_dir, results = tiny_run
-    # Every finished job and the seed's classifier are kept; the same flags run again redo none of them.
+    # Every finished job and the seed's classifier are kept, named after a digest of their settings; the same flags
+    # run again redo none of them.
+    digest = benchmark.settings_digest(benchmark.job_settings(benchmark.parse_args(TINY)))
     kept = sorted(path.name for path in (output_dir / "jobs").iterdir())
-    assert "classifier-seed0.safetensors" in kept and "funlora-cos-seed0.json" in kept
+    assert f"classifier-seed0-{digest}.safetensors" in kept and f"funlora-cos-seed0-{digest}.json" in kept
 
     def refuse(*args, **kwargs):
         raise AssertionError("a kept job was run again")
@@ -201,10 +203,11 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     # A stop after some jobs: only the missing ones run, and a kept job made with other flags is made again.
     partial = tmp_path / "partial"
     shutil.copytree(output_dir / "jobs", partial / "jobs")
-    (partial / "jobs" / "finetune-seed0.json").unlink()
-    stale = json.loads((partial / "jobs" / "joint-seed0.json").read_text())
+    job = partial / "jobs"
+    (job / f"finetune-seed0-{digest}.json").unlink()
+    stale = json.loads((job / f"joint-seed0-{digest}.json").read_text())
     stale["settings"]["learning_rate"] = 1.0
-    (partial / "jobs" / "joint-seed0.json").write_text(json.dumps(stale))
+    (job / f"joint-seed0-{digest}.json").write_text(json.dumps(stale))
     ran = []
     real_run_job = benchmark.run_job
 
@@ -215,13 +218,25 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     monkeypatch.setattr(benchmark, "run_job", counting)
     benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "joint,finetune,lora1"]))
     assert sorted(ran) == ["finetune", "joint"]
-    assert json.loads((partial / "jobs" / "joint-seed0.json").read_text())["settings"]["learning_rate"] == 2e-3
+    assert json.loads((job / f"joint-seed0-{digest}.json").read_text())["settings"]["learning_rate"] == 2e-3
+
+    # A sweep point in the same folder keeps its jobs beside the others instead of replacing them.
+    linear = (job / f"funlora-linear-seed0-{digest}.json").read_bytes()
+    ran.clear()
+    benchmark.main(
+        benchmark.parse_args(
+            [*TINY, "--output_dir", str(partial), "--methods", "funlora-linear", "--init_omega", "0.5"]
+        )
+    )
+    assert ran == ["funlora-linear"] and (job / f"funlora-linear-seed0-{digest}.json").read_bytes() == linear
+    assert len(list(job.glob("funlora-linear-seed0-*.json"))) == 2
 
     # One method asked for: the table still reports every job kept with the same settings, in the usual order; a job
-    # kept before a flag existed matches that flag's value then (LATER_FLAGS).
-    older = json.loads((partial / "jobs" / "funlora-cos-seed0.json").read_text())
+    # kept under the older name and before a flag existed matches that flag's value then (LATER_FLAGS).
+    older = json.loads((job / f"funlora-cos-seed0-{digest}.json").read_text())
     del older["settings"]["num_functions"]
-    (partial / "jobs" / "funlora-cos-seed0.json").write_text(json.dumps(older))
+    (job / "funlora-cos-seed0.json").write_text(json.dumps(older))
+    (job / f"funlora-cos-seed0-{digest}.json").unlink()
     monkeypatch.setattr(benchmark, "run_job", refuse)
     one = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
     assert list(one["runs"]) == _expected_rows(benchmark)
