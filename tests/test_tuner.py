@@ -779,6 +779,31 @@ def test_compiled_model_matches_eager_and_does_not_recompile_for_the_same_classe
         )
 
 
+@pytest.mark.parametrize("function", ["cos", "linear"])
+def test_a_funlora_conv_compiles_into_one_graph_forward_and_backward(function):
+    """`fullgraph=True` fails on any graph break: the layer's routed convolution and its custom backward trace whole
+    (the eager backward rebuilds the class scales with `torch.autograd.grad`, which dynamo cannot trace)."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    config = FunLoRAConfig(class_ids=[0, 1, 2], function=function, num_functions=FAMILIES[function], init_alpha=0.3)
+    model = get_peft_model(torch.nn.Sequential(conv), config, "task_0")
+    layer = funlora_layers(model)[0]
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 2, 0, 1])
+    layer._routing = model.base_model.routing_plan(labels, len(labels))
+    eager = layer(x)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+    assert grads
+    for name, param in layer.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What a PEFT user expects of a tuner
 

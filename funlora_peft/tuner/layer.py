@@ -425,31 +425,41 @@ class _ClassConv2d(torch.autograd.Function):
 
     `x` is `(chunk, classes * in, h, w)` (the class-interleaved batch viewed with the classes in the channels). Neither
     the weight `(classes * out, in, s, s)` nor the scales `(classes, out, in)` it is built from are kept for backward
-    (for 10 classes the scales alone weigh as much as the backbone's weights): backward rebuilds both from W0 and the
-    classes' factors, which are kept instead (out + in + 2p numbers per class).
+    (for 10 classes the scales alone weigh as much as the backbone's weights): given `build_scales` and the classes'
+    factors, it keeps the factors (out + in + 2p numbers per class) and backward rebuilds the scales and W_y.
+
+    Under torch.compile, which cannot trace the `torch.autograd.grad` of that rebuild, the caller passes the `scales`
+    instead (`build_scales` None, no factors); they are kept, and the compiler's partitioner decides what to recompute.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv_args, build_scales, *factors):
-        with torch.no_grad():
-            scales = build_scales(*factors)
+    def forward(ctx, x, weight, bias, conv_args, build_scales, scales, *factors):
+        if build_scales is not None:
+            with torch.no_grad():
+                scales = build_scales(*factors)
+            ctx.save_for_backward(x, weight, *factors)
+        else:
+            ctx.save_for_backward(x, weight, scales)
         classes, (stride, padding, dilation) = scales.shape[0], conv_args
-        ctx.save_for_backward(x, weight, *factors)
         ctx.conv_args, ctx.has_bias, ctx.build_scales = conv_args, bias is not None, build_scales
         class_bias = None if bias is None else bias.repeat(classes)
         return F.conv2d(x, _stack_class_weights(weight, scales), class_bias, stride, padding, dilation, classes)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, *factors = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_factors = ctx.needs_input_grad[5:]
-        need_scales = any(need_factors)
-        # The scales again, in the adapters' precision, with a graph to the factors that need a gradient.
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            leaves = [factor.detach().requires_grad_(need) for factor, need in zip(factors, need_factors)]
-            scales_graph = ctx.build_scales(*leaves)
-        scales = scales_graph.detach()
+        need_x, need_weight, need_bias, _, _, need_kept_scales = ctx.needs_input_grad[:6]
+        if ctx.build_scales is None:
+            x, weight, scales = ctx.saved_tensors
+            need_scales, factors = need_kept_scales, []
+        else:
+            x, weight, *factors = ctx.saved_tensors
+            need_factors = ctx.needs_input_grad[6:]
+            need_scales = any(need_factors)
+            # The scales again, in the adapters' precision, with a graph to the factors that need a gradient.
+            with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+                leaves = [factor.detach().requires_grad_(need) for factor, need in zip(factors, need_factors)]
+                scales_graph = ctx.build_scales(*leaves)
+            scales = scales_graph.detach()
         stride, padding, dilation = ctx.conv_args
         classes, (out_channels, in_channels, height, width) = scales.shape[0], weight.shape
         grad_x, grad_class_weight, grad_class_bias = torch.ops.aten.convolution_backward(
@@ -478,13 +488,15 @@ class _ClassConv2d(torch.autograd.Function):
                 grad_weight = scaled.sum(dim=0).view(weight.shape).to(weight.dtype)
         if need_bias and ctx.has_bias:
             grad_bias = grad_class_bias.view(classes, out_channels).sum(dim=0)
+        if ctx.build_scales is None:
+            return grad_x, grad_weight, grad_bias, None, None, grad_scales
         grad_factors = [None] * len(factors)
         if need_scales:
             wanted = [index for index, leaf in enumerate(leaves) if leaf.requires_grad]
             grads = torch.autograd.grad(scales_graph, [leaves[index] for index in wanted], grad_scales)
             for index, grad in zip(wanted, grads):
                 grad_factors[index] = grad
-        return grad_x, grad_weight, grad_bias, None, None, *grad_factors
+        return grad_x, grad_weight, grad_bias, None, None, None, *grad_factors
 
 
 def _stack_class_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -569,13 +581,16 @@ class Conv2d(nn.Module, FunLoRALayer):
         else:
             dtype = base.weight.dtype
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
-            build_scales, factors = self._scale_factors(plan)
             weight, bias = base.weight.to(dtype), base.bias
             bias = None if bias is None else bias.to(dtype)
             conv_args = (base.stride, padding, base.dilation)
             # F_y in the adapters' precision (fp32); the casts are differentiable
             with torch.autocast(x.device.type, enabled=False):
-                out = _ClassConv2d.apply(grouped.to(dtype), weight, bias, conv_args, build_scales, *factors)
+                if torch.compiler.is_compiling():
+                    build_scales, scales, factors = None, self._class_scales(plan), []
+                else:
+                    (build_scales, factors), scales = self._scale_factors(plan), None
+                out = _ClassConv2d.apply(grouped.to(dtype), weight, bias, conv_args, build_scales, scales, *factors)
         else:
             weight, bias = self._cached_class_weights(plan)
             if weight.dtype != dtype:
