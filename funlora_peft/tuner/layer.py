@@ -378,7 +378,9 @@ class FunLoRALayer(BaseTunerLayer):
         """Put `merged` (from `merged_weight`) into the conv, keeping W0 to restore it bit-exactly."""
         if merged is not None:
             base = self.get_base_layer()
-            self._weight_before_merge = base.weight.data.clone()
+            # W0's own tensor, not a copy: `merged` is a new tensor, so W0 is untouched while merged, restoring it
+            # costs no memory, and the cached class weights keyed on it stay valid across a merge and unmerge.
+            self._weight_before_merge = base.weight.data
             base.weight.data = merged
         self.merged_adapters = [adapter_name]
         self._merged_class = int(class_label)
