@@ -660,8 +660,10 @@ def test_sampling_builds_the_class_weights_once_and_a_parameter_update_rebuilds_
         for _ in range(3):  # the steps of a sampling loop
             again = model(x_t, t, class_labels=MIXED).sample
         assert len(builds) == len(layers) and torch.equal(first, again)
-        # merging one class and unmerging it (a single-class call of the pipeline) restores W0 itself: no rebuild
+        # a single-class call of the pipeline in between (merged, its own routing plan) restores W0 itself and
+        # leaves the mixed batch's weights valid: no rebuild
         model.base_model.merge_adapter(class_label=3)
+        model(x_t, t, class_labels=torch.full((6,), 3))
         model.base_model.unmerge_adapter()
         assert torch.equal(model(x_t, t, class_labels=MIXED).sample, first) and len(builds) == len(layers)
     # a training step changes the adapters in place: the next sampling call rebuilds, never a stale weight

@@ -310,7 +310,10 @@ class FunLoRALayer(BaseTunerLayer):
                 if group.adapter_name in store:
                     tensors.append(store[group.adapter_name])
         key = (
-            tuple((g.adapter_name, g.rows.data_ptr(), len(g.rows)) for g in plan.groups),
+            # the classes by value (a CPU list): a plan rebuilt for the same labels (after a call with other labels
+            # replaced the model's one-plan cache) has new row tensors but needs the same weights
+            tuple(plan.class_ids),
+            tuple(g.adapter_name for g in plan.groups),
             tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
         )
         if self._weight_cache is None or self._weight_cache[0] != key:
