@@ -736,13 +736,16 @@ def keep(output_dir: Path, name: str, settings: dict, result: dict) -> None:
 
 def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     """Every (method, seed) job of jobs/ made with `settings`, but those in `exclude`."""
-    found = {}
-    for path in sorted((output_dir / JOBS_SUBFOLDER).glob("*-seed*.json")):
+    jobs = set()  # a job may be kept under several settings (a sweep): each (method, seed) is looked up once
+    for path in (output_dir / JOBS_SUBFOLDER).glob("*-seed*.json"):
         key, _, seed = _KEPT_NAME.fullmatch(path.stem)["name"].rpartition("-seed")
-        if key in METHODS and seed.isdigit() and (key, int(seed)) not in exclude | set(found):
-            result = read_kept(output_dir, f"{key}-seed{seed}", settings)
-            if result is not None:
-                found[key, int(seed)] = result
+        if key in METHODS and seed.isdigit():
+            jobs.add((key, int(seed)))
+    found = {}
+    for key, seed in sorted(jobs - exclude):
+        result = read_kept(output_dir, f"{key}-seed{seed}", settings)
+        if result is not None:
+            found[key, seed] = result
     return found
 
 
