@@ -34,15 +34,33 @@ def _conv_groups(module: nn.Module) -> int:
     return conv.groups
 
 
+def _walk(model: nn.Module):
+    """`(name, module, parent, attribute)` of every module of `model` in `named_modules` order, each once, without
+    descending into FunLoRA layers: their children are the wrapped conv and the adapters' tensors, and a model of
+    many adapters would otherwise be walked through all of them (`parent` is None for the model itself)."""
+    seen, stack = set(), [("", model, None, "")]
+    while stack:
+        name, module, parent, attribute = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module, parent, attribute
+        if isinstance(module, FunLoRALayer):
+            continue
+        children = [(f"{name}.{key}" if name else key, child, module, key) for key, child in module._modules.items()]
+        stack.extend(child for child in reversed(children) if child[1] is not None)
+
+
 def _adaptable_convs(model: nn.Module, include_grouped: bool = False) -> list[tuple[str, nn.Module]]:
     """`(name, module)` of the convs FunLoRA can adapt, in module order: plain dense `nn.Conv2d`s and already wrapped
     ones; grouped convs (`groups > 1`, e.g. depthwise) only with `include_grouped`."""
-    convs = []
-    for name, module in model.named_modules():
-        if isinstance(module, FunLoRALayer) or (isinstance(module, nn.Conv2d) and not name.endswith(".base_layer")):
-            if include_grouped or _conv_groups(module) == 1:
-                convs.append((name, module))
-    return convs
+    return [
+        (name, module)
+        for name, module, _, _ in _walk(model)
+        if isinstance(module, (FunLoRALayer, nn.Conv2d))
+        and not name.endswith(".base_layer")
+        and (include_grouped or _conv_groups(module) == 1)
+    ]
 
 
 class FunLoRAModel(BaseTuner):
@@ -117,31 +135,31 @@ class FunLoRAModel(BaseTuner):
             peft_config.target_modules = [name for name, _ in _adaptable_convs(self.model)]
         return peft_config
 
-    def _target_convs(self, peft_config: FunLoRAConfig) -> list[str]:
-        """The names of the convs `peft_config` targets, checked before anything is replaced (one pass over the model).
+    def _target_convs(self, peft_config: FunLoRAConfig) -> dict[str, tuple[nn.Module, nn.Module, str]]:
+        """The convs `peft_config` targets, checked before anything is replaced (one pass over the model, not into the
+        FunLoRA layers): `{name: (module, parent, attribute)}` in module order.
 
         None (the default) targets every dense conv and skips grouped ones. A name that matches a module FunLoRA
         cannot adapt (a leaf that is no `nn.Conv2d`, or a grouped conv) is refused with the remedy; a container that
         merely holds convs (e.g. a block matched by a broad regex) is not.
         """
         default = peft_config.target_modules is None
-        matched, refused, examples = [], [], []
-        adapter_parts = tuple(f".{p}" for p in FunLoRALayer.adapter_layer_names)
-        for name, module in self.model.named_modules():
-            if not name or name.endswith(".base_layer") or any(part in name for part in adapter_parts):
+        matched, refused, examples = {}, [], []
+        for name, module, parent, attribute in _walk(self.model):
+            if not name or name.endswith(".base_layer"):
                 continue
             is_conv = isinstance(module, (FunLoRALayer, nn.Conv2d))
             if is_conv and len(examples) < 4:
                 examples.append(name)
             if default:
                 if is_conv and _conv_groups(module) == 1:
-                    matched.append(name)
+                    matched[name] = (module, parent, attribute)
                 continue
             result = check_target_module_exists(peft_config, name)
             if not result or _is_excluded(result):
                 continue
             if is_conv and _conv_groups(module) == 1:
-                matched.append(name)
+                matched[name] = (module, parent, attribute)
             elif is_conv:
                 refused.append(f"{name} (groups={_conv_groups(module)})")
             elif not list(module.children()):
@@ -187,13 +205,12 @@ class FunLoRAModel(BaseTuner):
             config.target_modules = list(targets)
         if state_dict is not None:  # low_cpu_mem_usage loading: the modules the weights name
             saved = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
-            targets = [name for name in targets if name in saved]
-        first = not self._funlora_layers_uncached(model)
+            targets = {name: found for name, found in targets.items() if name in saved}
+        first = not any(isinstance(module, FunLoRALayer) for _, module, _, _ in _walk(model))
         self._layers_key = None  # the set of layers changes
         wrapped = []
         try:
-            for key in targets:
-                parent, target, target_name = _get_submodules(model, key)
+            for key, (target, parent, target_name) in targets.items():
                 if not isinstance(target, FunLoRALayer):
                     wrapped.append((parent, target_name, target))
                 with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():
@@ -210,6 +227,21 @@ class FunLoRAModel(BaseTuner):
                 self.targeted_module_names.append(name)
         if first:
             self._mark_only_adapters_as_trainable(model)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Upcast `adapter_name`'s fp16 / bf16 tensors to fp32, as PEFT does for its tuners (`autocast_adapter_dtype`).
+
+        PEFT's own version walks every submodule of every adapted layer, each earlier adapter's tensors included, at
+        every `add_adapter`; this visits the FunLoRA layers' stores of this one adapter.
+        """
+        if not autocast_adapter_dtype:
+            return
+        for layer in self._funlora_layers_uncached(self.model):
+            for store_name in FunLoRALayer.adapter_layer_names:
+                store = getattr(layer, store_name)
+                tensor = store[adapter_name] if adapter_name in store else None
+                if tensor is not None and tensor.dtype.is_floating_point and torch.finfo(tensor.dtype).bits < 32:
+                    store[adapter_name] = nn.Parameter(tensor.detach().float(), requires_grad=tensor.requires_grad)
 
     def _check_new_adapter_config(self, config: FunLoRAConfig, adapter_name: str | None = None) -> None:
         """Refuse an adapter whose class ids are already owned by another adapter."""
@@ -258,7 +290,7 @@ class FunLoRAModel(BaseTuner):
 
     @staticmethod
     def _funlora_layers_uncached(model: nn.Module) -> list[FunLoRALayer]:
-        return [m for m in model.modules() if isinstance(m, FunLoRALayer)]
+        return [module for _, module, _, _ in _walk(model) if isinstance(module, FunLoRALayer)]
 
     def _funlora_layers(self) -> list[FunLoRALayer]:
         """The FunLoRA layers of the model, found once per change of the set of adapters (not at every forward)."""
