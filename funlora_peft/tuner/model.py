@@ -236,7 +236,7 @@ class FunLoRAModel(BaseTuner):
         """
         if not autocast_adapter_dtype:
             return
-        for layer in self._funlora_layers_uncached(self.model):
+        for layer in self._funlora_layers():  # found again after the injection, then kept for the forwards
             for store_name in FunLoRALayer.adapter_layer_names:
                 store = getattr(layer, store_name)
                 tensor = store[adapter_name] if adapter_name in store else None
