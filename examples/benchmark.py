@@ -215,11 +215,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     protocol_args.add_adapter_init_arguments(parser.add_argument_group("FunLoRA adapters"))
     protocol_args.add_evaluation_arguments(parser, eval_samples_per_class=40)
-    args = protocol_args.parse_with_recipe(parser, input_args)
-    if args.quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(input_args)
-    return args
+    return protocol_args.parse_with_recipe(parser, input_args, QUICK_DEFAULTS)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -115,20 +115,28 @@ def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_with_recipe(parser: argparse.ArgumentParser, input_args: list[str] | None) -> argparse.Namespace:
-    """Parse `input_args`, the chosen recipe's settings taking the place of the defaults of the flags it names."""
-    recipe = parser.parse_known_args(input_args)[0].recipe
-    if recipe is not None:
+def parse_with_recipe(
+    parser: argparse.ArgumentParser, input_args: list[str] | None, quick_defaults: dict | None = None
+) -> argparse.Namespace:
+    """Parse `input_args`, the chosen recipe's settings taking the place of the defaults of the flags it names.
+
+    `quick_defaults` (a script's `--quick` budget) take the place of the defaults when the parser's `--quick` is set,
+    over the recipe's. What the command line names always wins; the parser itself is left unchanged.
+    """
+    first = parser.parse_known_args(input_args)[0]
+    presets = {}
+    if first.recipe is not None:
         import torch
 
-        settings = dict(RECIPES[recipe])
-        on_cuda = settings.pop("on_cuda", {})
+        presets = dict(RECIPES[first.recipe])
+        on_cuda = presets.pop("on_cuda", {})
         if torch.cuda.is_available():
-            settings.update(on_cuda)
-        declared = vars(parser.parse_known_args([])[0])
-        # Defaults only: what the command line names wins.
-        parser.set_defaults(**{k: v for k, v in settings.items() if k in declared})
-    return parser.parse_args(input_args)
+            presets.update(on_cuda)
+    if quick_defaults and getattr(first, "quick", False):
+        presets.update(quick_defaults)
+    # argparse keeps the values a namespace already holds for the flags the command line does not name.
+    declared = vars(first)
+    return parser.parse_args(input_args, argparse.Namespace(**{k: v for k, v in presets.items() if k in declared}))
 
 
 def check_recipe_data(args: argparse.Namespace) -> None:
