@@ -14,7 +14,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, _get_submodules
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, UPCAST_DTYPES, WEIGHTS_NAME, _get_submodules
 from safetensors import safe_open
 from torch import nn
 
@@ -22,6 +22,10 @@ from .config import FunLoRAConfig
 from .layer import Conv2d, FunLoRALayer, RoutingGroup, RoutingPlan, as_class_id, as_class_labels
 
 _ROUTER_ATTRIBUTE = "_funlora_router"
+# The dtypes PEFT upcasts its tuners' adapters from (`autocast_adapter_dtype`): fp16, bf16 and this torch's float8s.
+_UPCAST_TO_FP32 = frozenset(
+    {torch.float16, torch.bfloat16} | {getattr(torch, name) for name in UPCAST_DTYPES if hasattr(torch, name)}
+)
 
 
 def _router_of(model: nn.Module) -> FunLoRAModel | None:
@@ -229,7 +233,8 @@ class FunLoRAModel(BaseTuner):
             self._mark_only_adapters_as_trainable(model)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Upcast `adapter_name`'s fp16 / bf16 tensors to fp32, as PEFT does for its tuners (`autocast_adapter_dtype`).
+        """Upcast `adapter_name`'s fp16 / bf16 / float8 tensors to fp32, as PEFT does for its tuners
+        (`autocast_adapter_dtype`).
 
         PEFT's own version walks every submodule of every adapted layer, each earlier adapter's tensors included, at
         every `add_adapter`; this visits the FunLoRA layers' stores of this one adapter.
@@ -239,8 +244,8 @@ class FunLoRAModel(BaseTuner):
         for layer in self._funlora_layers():  # found again after the injection, then kept for the forwards
             for store_name in FunLoRALayer.adapter_layer_names:
                 store = getattr(layer, store_name)
-                tensor = store[adapter_name] if adapter_name in store else None
-                if tensor is not None and tensor.dtype.is_floating_point and torch.finfo(tensor.dtype).bits < 32:
+                tensor = store.get(adapter_name)
+                if tensor is not None and tensor.dtype in _UPCAST_TO_FP32:
                     store[adapter_name] = nn.Parameter(tensor.detach().float(), requires_grad=tensor.requires_grad)
 
     def _check_new_adapter_config(self, config: FunLoRAConfig, adapter_name: str | None = None) -> None:
