@@ -4,6 +4,7 @@ The runs use a tiny UNet (8x8 digits, 2 levels) on 2 tasks of 2 classes ("--clas
 what is checked is the plumbing (files, metrics, resume, errors), not the quality of the samples.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -463,6 +464,23 @@ def test_recipe_sets_its_flags_and_explicit_flags_win(train_module):
     assert args.seed == train_module.parse_args([]).seed
     # Without --recipe nothing of it applies.
     assert train_module.parse_args([]).resolution == 16
+
+
+def test_recipe_leaves_the_parser_it_is_given_unchanged():
+    protocol_args = load_example("protocol_args")
+    parser = argparse.ArgumentParser()
+    protocol_args.add_recipe_argument(parser)
+    recipe = protocol_args.RECIPES["fashion-mnist"]
+    parser.add_argument("--task_steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    assert protocol_args.parse_with_recipe(parser, ["--recipe", "fashion-mnist"]).task_steps == recipe["task_steps"]
+    assert (
+        protocol_args.parse_with_recipe(parser, ["--recipe", "fashion-mnist", "--quick"], {"task_steps": 9}).task_steps
+        == 9
+    )
+    assert protocol_args.parse_with_recipe(parser, ["--quick", "--task_steps", "5"], {"task_steps": 9}).task_steps == 5
+    # The recipe's settings never became the parser's defaults.
+    assert parser.parse_args([]).task_steps == 3 and parser.get_default("task_steps") == 3
 
 
 def test_recipe_without_the_dataset_says_how_to_install_it(train_module, tmp_path, monkeypatch):
