@@ -49,7 +49,10 @@ run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after ea
 `jobs/` keeps every finished (method, seed) job and each seed's real-data classifier: the same command run again
 after a stop runs only the jobs still missing (each file is named after a digest of the flags it was made with, so
 runs with other flags, e.g. the points of a sweep, keep theirs side by side in one folder), so a long comparison can
-be finished over several sessions, and methods or seeds can be added later.
+be finished over several sessions, and methods or seeds can be added later. A running job keeps its state after each
+finished task in `jobs/partial/` (the model's tensors as safetensors, the rows evaluated so far as JSON) and a job
+stopped part way resumes there, ending with the metrics it would have had without the stop; joint training, one
+task, starts over.
 
 Metrics (per run, then mean +- sample std over seeds): final CAS and average incremental CAS (the mean of the CAS
 after each task; `evaluate_stage`), forgetting (`AccuracyMatrix.forgetting` of the per-task recognition accuracy of
@@ -69,6 +72,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -90,6 +94,7 @@ from funlora_peft.continual.evaluation import (
     ContinualEvaluator,
     ContinualMetrics,
     SmallClassifier,
+    TaskMetrics,
     generate_per_class,
     train_classifier,
 )
@@ -97,10 +102,20 @@ from funlora_peft.continual.importance import compute_layer_importance, select_t
 from funlora_peft.continual.tasks import task_dataset
 from funlora_peft.diagnostics import adapter_diagnostics
 from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
-from funlora_peft.run_folder import read_json, sha256_of, task_name, write_file_atomic, write_json_atomic
+from funlora_peft.run_folder import (
+    read_json,
+    sha256_of,
+    task_name,
+    write_file_atomic,
+    write_folder_atomic,
+    write_json_atomic,
+)
 
 RESULTS_MD, RESULTS_JSON, PLOT_FILE = "results.md", "results.json", "accuracy_per_task.png"
 JOBS_SUBFOLDER = "jobs"  # one JSON per finished (method, seed) job and one classifier per seed: what a rerun reuses
+# jobs/partial/{method}-seed{seed}-{digest}/: a running job's state after its last finished task, removed once the
+# job is kept; a job stopped part way resumes from it.
+PARTIAL_SUBFOLDER, PARTIAL_TENSORS, PARTIAL_RECORD = "partial", "model.safetensors", "progress.json"
 # Flags that change neither what a job computes nor its result.
 NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe")
 # Flags added after jobs were first kept, with the value those jobs ran with: a kept job without the flag matches it.
@@ -168,7 +183,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="runs/benchmark",
         help="Folder of the result files. Every finished (method, seed) job is kept in its jobs/ subfolder, so that a "
-        "stopped benchmark run again with the same flags continues where it stopped.",
+        "stopped benchmark run again with the same flags continues where it stopped (a job stopped part way after "
+        "the last task it finished).",
     )
     parser.add_argument(
         "--methods",
@@ -311,6 +327,14 @@ class Learner:
     def extra_parameters_per_class(self) -> float:
         raise NotImplementedError
 
+    def progress(self) -> dict:
+        """What the learner knows after a task besides its model's tensors (JSON), for `restore`."""
+        return {}
+
+    def restore(self, task: int, progress: dict) -> None:
+        """Give a fresh learner the modules tasks 0..`task` added and the `progress` they left, before the model's
+        tensors are loaded into it: it then stands as after `end_task(task)`."""
+
 
 def _seeded_unet(config: dict, seed: int, **extra) -> UNet2DModel:
     with torch.random.fork_rng(devices=[]):
@@ -409,6 +433,20 @@ class FunLoRALearner(Learner):
         ]
         return sum(counts) / len(counts)
 
+    def progress(self) -> dict:
+        return {
+            "rank_per_task": self.rank_per_task,
+            "target_modules": self.target_modules,
+            "importance": None if self.importance is None else {k: float(v) for k, v in self.importance.items()},
+        }
+
+    def restore(self, task: int, progress: dict) -> None:
+        self.rank_per_task = progress["rank_per_task"]
+        self.target_modules, self.importance = progress["target_modules"], progress["importance"]
+        for k in range(1, task + 1):
+            self.model.add_adapter(task_name(k), self.adapter_config(k))
+        self.model.to(self.device)
+
 
 class LoRALearner(Learner):
     """PEFT's LoRA on the same convs, one adapter `class_{c}` per class."""
@@ -427,7 +465,7 @@ class LoRALearner(Learner):
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets, lora_dropout=0.0)
 
-    def begin_task(self, task: int) -> list[dict]:
+    def add_adapters(self, task: int) -> None:
         for class_id in self.tasks[task]:
             if f"class_{class_id}" not in self.model.peft_config:
                 # LoRA's A is random: a per-class seed makes it independent of what ran before.
@@ -435,6 +473,13 @@ class LoRALearner(Learner):
                     torch.manual_seed(self.seed * 1000 + class_id)
                     self.model.add_adapter(f"class_{class_id}", self.lora_config())
         self.model.to(self.device)
+
+    def restore(self, task: int, progress: dict) -> None:
+        for k in range(task + 1):
+            self.add_adapters(k)
+
+    def begin_task(self, task: int) -> list[dict]:
+        self.add_adapters(task)
         suffixes = tuple(f".class_{c}.weight" for c in self.tasks[task]) + tuple(
             f".class_{c}.bias" for c in self.tasks[task]
         )
@@ -614,7 +659,20 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
     def evaluate(upto: int):
         return evaluator.evaluate(sample_fn, upto)[0]
 
-    stages, train_seconds, generation_seconds = [], [], 0.0
+    stages, train_seconds, generation_seconds, first_task = [], [], 0.0, 0
+    settings = job_settings(args)
+    partial = partial_folder(Path(args.output_dir), method_key, seed, settings)
+    saved = read_partial(partial, settings) if method.kind != "joint" else None
+    if saved is not None:
+        # A job stopped part way: it continues at the task after the last one it finished, as if it had not stopped
+        # (every step's randomness comes from (seed, task, step); the evaluator keeps nothing between tasks).
+        record, tensors = saved
+        learner.restore(record["task"], record["learner"])
+        learner.model.load_state_dict(tensors, strict=True)
+        stages = [TaskMetrics.from_dict(row) for row in record["stages"]]
+        train_seconds, generation_seconds = record["train_seconds"], record["generation_seconds"]
+        first_task = record["task"] + 1
+        print(f"{method_key} seed {seed}: resumed after task {record['task']} from {partial}", flush=True)
     if method.kind == "joint":
         images, labels = data.train_images, data.train_labels
         keep = torch.isin(labels, torch.tensor([c for task in tasks for c in task]))
@@ -624,7 +682,7 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
         train_seconds.append(train_steps(learner, groups, images[keep], labels[keep], batch_sizes, seed, 0, args))
         stages.append(evaluate(len(tasks) - 1))
     else:
-        for task in range(len(tasks)):
+        for task in range(first_task, len(tasks)):
             images, labels = task_dataset(data, tasks[task], split="train").tensors
             seconds = 0.0
             if method.kind == "replay" and task > 0:
@@ -644,6 +702,8 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
             learner.end_task(task)
             train_seconds.append(seconds)
             stages.append(evaluate(task))
+            if task + 1 < len(tasks):
+                save_partial(partial, settings, task, learner, stages, train_seconds, generation_seconds)
 
     all_classes = [c for task in tasks for c in task]
     sampling_seconds = time_sampling(learner, data, all_classes, seed)
@@ -678,12 +738,61 @@ def run_job(args: argparse.Namespace, method_key: str, seed: int, classifier_sta
             accuracy_matrix=metrics.accuracy_matrix.rows,
             old_samples_identical=metrics.old_samples_identical,
         )
+    if first_task:
+        result["resumed_after_task"] = first_task - 1  # its peak memory is then that of the resumed process
     if method.kind == "funlora":
         result["rank_per_task"] = learner.rank_per_task
     if method.top_k:
         result["target_modules_after_task_0"] = learner.target_modules
         result["layer_importance"] = {k: float(v) for k, v in learner.importance.items()}
     return result
+
+
+def partial_folder(output_dir: Path, method_key: str, seed: int, settings: dict) -> Path:
+    """Where a running job keeps its state after its last finished task."""
+    return output_dir / JOBS_SUBFOLDER / PARTIAL_SUBFOLDER / f"{method_key}-seed{seed}-{settings_digest(settings)}"
+
+
+def save_partial(folder: Path, settings: dict, task: int, learner: Learner, stages, train_seconds, generation_seconds):
+    """Keep the job's state after `task` in `folder` (replaced atomically): the model's tensors and, as JSON, the
+    rows evaluated so far, the times and what the learner knows besides its tensors."""
+    tensors = {name: value.detach().cpu().contiguous() for name, value in learner.model.state_dict().items()}
+    record = {
+        "settings": settings,
+        "task": task,
+        "stages": [asdict(stage) for stage in stages],
+        "train_seconds": train_seconds,
+        "generation_seconds": generation_seconds,
+        "learner": learner.progress(),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / PARTIAL_TENSORS)
+        write_json_atomic(tmp / PARTIAL_RECORD, {**record, "sha256": sha256_of(tmp / PARTIAL_TENSORS)})
+
+    write_folder_atomic(folder, write)
+
+
+def read_partial(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The record and tensors `save_partial` kept in `folder` with `settings`; None when there are none, or when
+    they are incomplete, corrupted or made with other settings (the job then starts from its first task)."""
+    record_path, tensors_path = folder / PARTIAL_RECORD, folder / PARTIAL_TENSORS
+    if not record_path.is_file():
+        return None
+    try:
+        record = read_json(record_path)
+    except ValueError:
+        record = None
+    usable = (
+        isinstance(record, dict)
+        and record.get("settings") == settings
+        and tensors_path.is_file()
+        and sha256_of(tensors_path) == record.get("sha256")
+    )
+    if not usable:
+        print(f"{folder} cannot be resumed (incomplete, corrupted or other settings): the job starts over", flush=True)
+        return None
+    return record, load_file(tensors_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -946,6 +1055,7 @@ def main(args: argparse.Namespace) -> dict:
         runs[result["name"]].append(result)
         if not kept:
             keep(output_dir, f"{result['method']}-seed{result['seed']}", settings, result)
+            shutil.rmtree(partial_folder(output_dir, result["method"], result["seed"], settings), ignore_errors=True)
         print(
             f"{result['name']} seed {result['seed']}: final CAS {result['final_cas']:.3f}, forgetting "
             f"{result['forgetting']}, train {result['train_seconds']:.1f}s "

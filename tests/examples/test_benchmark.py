@@ -190,6 +190,7 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     digest = benchmark.settings_digest(benchmark.job_settings(benchmark.parse_args(TINY)))
     kept = sorted(path.name for path in (output_dir / "jobs").iterdir())
     assert f"classifier-seed0-{digest}.safetensors" in kept and f"funlora-cos-seed0-{digest}.json" in kept
+    assert not list((output_dir / "jobs" / "partial").iterdir())  # a kept job's state after its tasks is removed
 
     def refuse(*args, **kwargs):
         raise AssertionError("a kept job was run again")
@@ -241,6 +242,70 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     one = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
     assert list(one["runs"]) == _expected_rows(benchmark)
     assert one["runs"]["FunLoRA cos"] == json.loads(json.dumps(results["runs"]["FunLoRA cos"]))
+
+
+# What differs between a job run at once and one stopped and resumed: the clocks and the process's peak memory.
+_TIMES = ("train_seconds", "train_seconds_per_task", "generation_seconds", "sampling_seconds", "peak_memory_mb")
+
+
+@pytest.mark.parametrize("method", ["funlora-cos-top15", "lora1", "replay"])
+def test_a_job_stopped_part_way_resumes_after_its_last_finished_task(
+    benchmark, tiny_run, tmp_path, monkeypatch, method
+):
+    output_dir, results = tiny_run
+    args = benchmark.parse_args([*TINY, "--output_dir", str(tmp_path)])
+    data, tasks = benchmark.load_data(args)
+    classifier_state, _ = benchmark.seed_classifier(args, data, tasks, 0, output_dir)
+    settings = benchmark.job_settings(args)
+    folder = benchmark.partial_folder(tmp_path, method, 0, settings)
+    real_train_steps = benchmark.train_steps
+    trained = []
+
+    def stop_in_task_1(learner, groups, images, labels, batch_sizes, seed, task, args):
+        if task == 1:
+            raise KeyboardInterrupt("stopped")
+        return real_train_steps(learner, groups, images, labels, batch_sizes, seed, task, args)
+
+    monkeypatch.setattr(benchmark, "train_steps", stop_in_task_1)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_job(args, method, 0, classifier_state)
+    kept = sorted(path.name for path in folder.iterdir())
+    assert kept == ["model.safetensors", "progress.json"]
+    assert json.loads((folder / "progress.json").read_text())["task"] == 0
+
+    def counting(learner, groups, images, labels, batch_sizes, seed, task, args):
+        trained.append(task)
+        return real_train_steps(learner, groups, images, labels, batch_sizes, seed, task, args)
+
+    monkeypatch.setattr(benchmark, "train_steps", counting)
+    resumed = benchmark.run_job(args, method, 0, classifier_state)
+    # Only task 1 trains again, and the job ends as the uninterrupted one did: every metric of every task, the
+    # top-k layers chosen after task 0, the ranks, the bit-identical old samples.
+    assert trained == [1] and resumed.pop("resumed_after_task") == 0
+    whole = next(run for run in results["runs"][resumed["name"]] if run["seed"] == 0)
+
+    def strip(run: dict) -> dict:
+        run = {k: v for k, v in json.loads(json.dumps(run)).items() if k not in _TIMES}
+        run["stages"] = [{k: v for k, v in stage.items() if k != "eval_seconds"} for stage in run["stages"]]
+        return run
+
+    assert strip(resumed) == strip(whole)
+    assert (
+        resumed["train_seconds_per_task"][0] == json.loads((folder / "progress.json").read_text())["train_seconds"][0]
+    )
+
+    # A kept state made with other settings, or whose tensors changed, is not resumed: the job starts over.
+    record = json.loads((folder / "progress.json").read_text())
+    (folder / "progress.json").write_text(json.dumps({**record, "settings": {**settings, "learning_rate": 1.0}}))
+    assert benchmark.read_partial(folder, settings) is None
+    (folder / "progress.json").write_text(json.dumps(record))
+    assert benchmark.read_partial(folder, settings) is not None
+    with open(folder / "model.safetensors", "r+b") as handle:
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    assert benchmark.read_partial(folder, settings) is None
 
 
 @pytest.mark.slow
