@@ -49,7 +49,7 @@ run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after ea
 `jobs/` keeps every finished (method, seed) job and each seed's real-data classifier: the same command run again
 after a stop runs only the jobs still missing (each file is named after a digest of the flags it was made with, so
 runs with other flags, e.g. the points of a sweep, keep theirs side by side in one folder), so a long comparison can
-be finished over several sessions, and methods or seeds can be added later. A running job keeps its state after each
+be finished over several sittings, and methods or seeds can be added later. A running job keeps its state after each
 finished task in `jobs/partial/` (the model's tensors as safetensors, the rows evaluated so far as JSON) and a job
 stopped part way resumes there, ending with the metrics it would have had without the stop; joint training, one
 task, starts over.
@@ -1072,7 +1072,7 @@ def main(args: argparse.Namespace) -> dict:
             record(result, kept=True)
     jobs = pending
     # Jobs kept with the same settings by earlier runs of other methods or seeds join the table: a benchmark run in
-    # pieces (one command per method, across sessions) reports in one table.
+    # pieces (one command per method, one after another) reports in one table.
     others = kept_jobs(output_dir, settings, exclude={(m.key, seed) for m in methods for seed in seeds})
     for method in [m for m in METHODS.values() if m.key in {key for key, _ in others}]:
         if method not in methods:
