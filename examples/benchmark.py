@@ -75,6 +75,7 @@ import resource
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -1012,6 +1013,18 @@ def plot_cas(path: Path, names: list[str], summaries: dict, num_tasks: int) -> N
     plt.close(figure)
 
 
+def exit_with_parent(parent: int, interval: float = 2.0) -> None:
+    """Worker initializer: end the worker once the benchmark process `parent` that started it is gone (killed), instead
+    of training on for nobody; what the job finished is kept in jobs/partial/ and resumed by the next run."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def machine_description(args: argparse.Namespace) -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {max(args.num_workers, 1)} worker process(es)"
@@ -1091,7 +1104,13 @@ def main(args: argparse.Namespace) -> dict:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.num_threads))
         context = multiprocessing.get_context("spawn")
         # One fresh process per job: its peak resident set size is that job's alone.
-        with ProcessPoolExecutor(args.num_workers, mp_context=context, max_tasks_per_child=1) as pool:
+        with ProcessPoolExecutor(
+            args.num_workers,
+            mp_context=context,
+            max_tasks_per_child=1,
+            initializer=exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [pool.submit(run_job, args, key, seed, classifiers[seed]) for key, seed in jobs]
             for future in as_completed(futures):
                 record(future.result())

@@ -8,6 +8,9 @@ zero forgetting with bit-identical old samples, the equal step budget), not the 
 import json
 import math
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -306,6 +309,43 @@ def test_a_job_stopped_part_way_resumes_after_its_last_finished_task(
         handle.seek(-1, 2)
         handle.write(bytes([last[0] ^ 1]))
     assert benchmark.read_partial(folder, settings) is None
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of a process from /proc ('Z' for a zombie), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def test_a_killed_benchmark_takes_its_workers_with_it(tmp_path):
+    # The pool as main() builds it; the parent is killed while its worker runs a long job.
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time, multiprocessing\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        f"sys.path.insert(0, {str(BENCHMARK_SCRIPT.parent)!r})\n"
+        "from benchmark import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    context = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(1, mp_context=context, initializer=exit_with_parent,\n"
+        "                             initargs=(os.getpid(), 0.1)) as pool:\n"
+        "        print(pool.submit(os.getpid).result(), flush=True)\n"
+        "        pool.submit(time.sleep, 600).result()\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _process_state(worker) not in (None, "Z")
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 120  # the worker checks every 0.1 s; the bound only guards against a hang
+        while _process_state(worker) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _process_state(worker) in (None, "Z"), "the worker trained on after its benchmark was killed"
+    finally:
+        parent.kill()
 
 
 @pytest.mark.slow
