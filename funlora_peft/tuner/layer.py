@@ -399,7 +399,7 @@ class FunLoRALayer(BaseTunerLayer):
         self._merged_class = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClassScales:
     """Builds 1 + F_y `(classes, out, in)` (fp32) from the adapter tensors of the classes of a batch, group by group.
 
