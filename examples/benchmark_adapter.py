@@ -5,16 +5,18 @@ Run from the repository root (the script finds `funlora_peft` in the checkout wh
     python examples/benchmark_adapter.py                    # CPU, 16x16 and 32x32 UNets (about 7 min, shared 2 cores)
     python examples/benchmark_adapter.py --quick            # the 16x16 UNet only (about 1 min)
     python examples/benchmark_adapter.py --device cuda --output benchmark.json   # GPU; also write the results as JSON
-    python examples/benchmark_adapter.py --device cuda --sizes 32x32 --classes 20 --compile --mixed_precision both
-                                                            # the GPU script: CIFAR-size UNet, 20 classes, bf16 + fp32
+    python examples/benchmark_adapter.py --device cuda --sizes 32x32 --classes 20 --compile cos --precision both
+                                                            # on a GPU: CIFAR-size UNet, 20 classes, bf16 + fp32
+    bash examples/gpu_benchmarks.sh OUTPUT_DIR              # the GPU checks in one script (this one and the
+                                                            # CIFAR-100 protocol's steps per second)
 
 On a CPU shared with other jobs the script runs with 1 torch thread (see `--num_threads`): with several threads, OpenMP
 threads that lose their core to another process stall the others at every parallel region, and steps run up to 10x
 slower and erratically.
 
-For two `UNet2DModel` sizes ("16x16": 35 convs, batch 64; "32x32": the 35.8 M-parameter CIFAR UNet, 65 convs, batch 16
-on CPU and 64 on GPU) and each function family (cos, rshift and power with p = 10, linear with p = 1), with adapters on
-every conv, it measures:
+For two `UNet2DModel` sizes ("16x16": 35 convs, batch 64; "32x32": the 35.8 M-parameter CIFAR UNet, 65 convs, batch
+16 on CPU and 128 on GPU) and each function family (cos, rshift and power with p = 10, linear with p = 1), with
+adapters on every conv, it measures:
 
 1. a training step (forward + backward of the MSE loss against a random target) on a batch mixing 10 classes, in the
    continual setting (frozen adapter task_0 with classes 0-4, trained adapter task_1 with classes 5-9, frozen
@@ -33,8 +35,8 @@ every conv, it measures:
    launch), on the 16x16 UNet at batch 80 with a 20-class adapter trained with the backbone (task 0): a training step
    with 1, 2, 10 and 20 classes in the batch against the bare UNet's (targets: convolution calls equal to the bare
    UNet's, all ops <= 1.6x), and a sampling forward with the class weights built (target <= 1.2x).
-6. with --compile, the same training step and mixed sampling forward of `torch.compile(model)` (inductor), against
-   eager.
+6. with --compile [FAMILY ...] (every family when none is named), the same training step and mixed sampling forward
+   of `torch.compile(model)` (inductor), against eager.
 
 Every measurement runs round-robin with its baseline: each round calls the bare UNet right before the FunLoRA models
 of each function, and a ratio is the median over rounds of the per-round ratios, so that drifts in the load of a shared
@@ -127,7 +129,7 @@ UNET_SPECS: dict[str, UNetSpec] = {
             up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         ),
         batch_cpu=16,
-        batch_gpu=64,
+        batch_gpu=128,
     ),
 }
 
@@ -608,7 +610,7 @@ def benchmark_size(
                 forward_case(f"{key}/bare_forward_sampling", bare, x_sampling, t_sampling, None, precision=precision),
                 forward_case(f"{key}/forward_mixed", model, x_sampling, t_sampling, shuffled, precision=precision),
             ]
-            if args.compile:
+            if args.compile is not None and (not args.compile or function in args.compile):
                 log(f"  {spec.name} {key}: torch.compile (inductor) ...")
                 compiled = torch.compile(model)
                 cases += [
@@ -1046,7 +1048,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Time the fp32 steps, the bf16-autocast ones, or both (default fp32).",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="Also time torch.compile(model) (inductor) for training and sampling."
+        "--compile",
+        nargs="*",
+        choices=list(FAMILIES),
+        default=None,
+        metavar="FAMILY",
+        help="Also time torch.compile(model) (inductor) for training and sampling: of the named families, or of "
+        "every family of --functions when none is named (each compilation takes a minute or more).",
     )
     parser.add_argument(
         "--lora_peer",
