@@ -2,7 +2,7 @@
 
 Runs `examples/train.py` with a recipe's settings (by default `--recipe cifar100`: the 35.7M-parameter UNet, batch 160,
 20 classes per task, EMA, bf16 on CUDA), shortened to a few hundred steps of task 0 and of task 1, on a synthetic
-imagefolder of random RGB images of the recipe's resolution (the step time depends on the shapes, not on the
+imagefolder of random images of the recipe's resolution and channels (the step time depends on the shapes, not on the
 pixels; the Hub dataset is not needed). The steady-state step time of each task is read from the wall times of the
 per-step losses that train.py logs to TensorBoard (each loss is read on the host, so a logged step has finished on
 the device), after `--warmup_steps` steps, and the recipe's step budget is projected from it:
@@ -30,18 +30,21 @@ import protocol_args
 import torch
 from PIL import Image
 
-# Classes of each recipe's dataset, for the number of tasks of the projection.
-DATASET_CLASSES = {"cifar100": 100, "fashion-mnist": 10}
+# Classes (for the number of tasks of the projection) and channels of each recipe's dataset.
+DATASETS = {"cifar100": (100, 3), "fashion-mnist": (10, 1)}
 
 
-def write_random_imagefolder(directory: Path, classes: int, images_per_class: int, resolution: int) -> None:
-    """`classes` sub-folders of `images_per_class` random RGB PNGs (seeded: the same files every run)."""
+def write_random_imagefolder(
+    directory: Path, classes: int, images_per_class: int, resolution: int, channels: int
+) -> None:
+    """`classes` sub-folders of `images_per_class` random PNGs, RGB or grayscale (seeded: the same files every run)."""
     generator = np.random.default_rng(0)
+    shape = (resolution, resolution, 3) if channels == 3 else (resolution, resolution)
     for label in range(classes):
         folder = directory / f"class_{label:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(images_per_class):
-            pixels = generator.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+            pixels = generator.integers(0, 256, size=shape, dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{index}.png")
 
 
@@ -94,7 +97,8 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     # Two tasks: the classes of task 0 and of task 1 (train.py's flags may change the classes per task).
     probe = train.parse_args(["--recipe", args.recipe, *train_flags])
     if not data.is_dir():
-        write_random_imagefolder(data, 2 * probe.classes_per_task, args.images_per_class, probe.resolution)
+        channels = DATASETS[args.recipe][1]
+        write_random_imagefolder(data, 2 * probe.classes_per_task, args.images_per_class, probe.resolution, channels)
     run_dir = args.output_dir / "run"
     argv = ["--recipe", args.recipe, "--dataset_name", str(data), "--image_column", "image", "--label_column", "label"]
     argv += ["--first_task_steps", str(per_task), "--task_steps", str(per_task), "--checkpointing_steps", "1000000"]
@@ -107,7 +111,7 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     times = logged_step_times(run_dir / train_args.logging_dir)
     task0 = steps_per_second(times, args.warmup_steps, per_task)
     task1 = steps_per_second(times, per_task + args.warmup_steps, 2 * per_task)
-    num_tasks = DATASET_CLASSES[args.recipe] // recipe["classes_per_task"]
+    num_tasks = DATASETS[args.recipe][0] // recipe["classes_per_task"]
     hours = (recipe["first_task_steps"] / task0 + (num_tasks - 1) * recipe["task_steps"] / task1) / 3600
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     result = {
