@@ -2,7 +2,7 @@
 # The GPU checks in one script of at most 8 minutes on one H100/H200-class GPU, from the repository root:
 #
 #   bash examples/gpu_benchmarks.sh OUTPUT_DIR           # on a machine with CUDA
-#   bash examples/gpu_benchmarks.sh OUTPUT_DIR --smoke   # the same three parts, tiny and on the CPU (a few minutes)
+#   bash examples/gpu_benchmarks.sh OUTPUT_DIR --smoke   # the same parts, tiny, on the CPU (16 min on 2 shared cores)
 #
 # 1. adapter.md/.json: examples/benchmark_adapter.py on the CIFAR-size 32x32 UNet, batch 128, 20 classes in the mixed
 #    batches, fp32 and bf16 autocast, every family eager, PEFT LoRA r=1 as the sampling peer, and the aten op counts;
@@ -20,6 +20,8 @@ smoke=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary="$out/summary.txt"
+: > "$summary"
+: > "$out/logs.txt"
 
 if [ "$smoke" = "--smoke" ]; then
     device=(--device cpu --sizes 16x16 --num_threads 1)
@@ -32,7 +34,7 @@ else
     rounds=(--warmup 3 --repeats 7)
     speed=(--steps 100 --warmup_steps 20)
     scale=1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$summary" 2>&1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$summary" 2>&1
 fi
 python3 -c "import sys, torch, diffusers, peft, accelerate; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" \
