@@ -1077,6 +1077,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes = ["16x16"] if args.quick else ["16x16", "32x32"]
     if args.classes < 2 or args.classes % 2:
         parser.error(f"--classes must be an even number >= 2 (two adapters of classes / 2), got {args.classes}")
+    if args.compile and not set(args.compile) <= set(args.functions):
+        parser.error(
+            f"--compile {' '.join(args.compile)} names families that --functions {' '.join(args.functions)} does not "
+            "benchmark; compile only benchmarked families (or pass --compile alone for all of them)"
+        )
     args.precisions = ["fp32", "bf16"] if args.precisions == "both" else [args.precisions]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was given but torch.cuda.is_available() is False")
