@@ -94,11 +94,6 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     recipe = protocol_args.RECIPES[args.recipe]
     per_task = args.warmup_steps + args.steps
     data = args.output_dir / "data"
-    # Two tasks: the classes of task 0 and of task 1 (train.py's flags may change the classes per task).
-    probe = train.parse_args(["--recipe", args.recipe, *train_flags])
-    if not data.is_dir():
-        channels = DATASETS[args.recipe][1]
-        write_random_imagefolder(data, 2 * probe.classes_per_task, args.images_per_class, probe.resolution, channels)
     run_dir = args.output_dir / "run"
     argv = ["--recipe", args.recipe, "--dataset_name", str(data), "--image_column", "image", "--label_column", "label"]
     argv += ["--first_task_steps", str(per_task), "--task_steps", str(per_task), "--checkpointing_steps", "1000000"]
@@ -106,6 +101,10 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     argv += ["--grid_samples_per_class", "1", "--num_inference_steps", "2", "--report_to", "tensorboard"]
     argv += ["--output_dir", str(run_dir), "--overwrite_output_dir", *train_flags]
     train_args = train.parse_args(argv)
+    if not data.is_dir():  # two tasks: the classes of task 0 and of task 1, as the flags set them
+        channels = DATASETS[args.recipe][1]
+        classes = 2 * train_args.classes_per_task
+        write_random_imagefolder(data, classes, args.images_per_class, train_args.resolution, channels)
     train.main(train_args)
 
     times = logged_step_times(run_dir / train_args.logging_dir)
