@@ -48,8 +48,9 @@ Outputs in --output_dir: `results.md` (one markdown table, a row per method), `r
 run's metrics per task, the summaries) and `accuracy_per_task.png` (CAS after each task, one line per method).
 `jobs/` keeps every finished (method, seed) job and each seed's real-data classifier: the same command run again
 after a stop runs only the jobs still missing (each file is named after a digest of the flags it was made with, so
-runs with other flags, e.g. the points of a sweep, keep theirs side by side in one folder), so a long comparison can
-be finished over several sittings, and methods or seeds can be added later. A running job keeps its state after each
+runs with other flags, e.g. the points of a sweep, keep theirs side by side in one folder; a classifier's digest
+covers only the flags it depends on, so the points of a sweep share it), so a long comparison can be finished over
+several sittings, and methods or seeds can be added later. A running job keeps its state after each
 finished task in `jobs/partial/` (the model's tensors as safetensors, the rows evaluated so far as JSON) and a job
 stopped part way resumes there, ending with the metrics it would have had without the stop; joint training, one
 task, starts over.
@@ -806,6 +807,28 @@ def job_settings(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_JOB_SETTINGS}))
 
 
+# The flags a seed's real-data classifier and its accuracy depend on: the data, the classes the layout covers and the
+# classifier's own training. A sweep of the generators' settings reuses the seed's classifier, so that every point is
+# evaluated by the same one (and none waits for a new one).
+CLASSIFIER_SETTINGS = (
+    "dataset_name",
+    "image_column",
+    "label_column",
+    "resolution",
+    "classes_per_task",
+    "first_task_classes",
+    "class_order",
+    "classifier_epochs",
+    "classifier_steps",
+    "classifier_augment",
+)
+
+
+def classifier_settings(args: argparse.Namespace) -> dict:
+    """The flags of CLASSIFIER_SETTINGS: a kept classifier is reused only when they are the same."""
+    return json.loads(json.dumps({k: getattr(args, k) for k in sorted(CLASSIFIER_SETTINGS)}))
+
+
 # A kept file's name: `{name}-{digest of its settings}.json`, so that runs with other settings (a sweep) sharing one
 # output folder keep their jobs side by side; `{name}.json` is the name jobs were kept under before.
 _KEPT_NAME = re.compile(r"(?P<name>.+?)(-[0-9a-f]{12})?")
@@ -826,7 +849,8 @@ def find_kept(output_dir: Path, name: str, settings: dict) -> tuple[Path, dict] 
             continue
         kept = read_json(path)
         if isinstance(kept, dict) and isinstance(kept.get("settings"), dict):
-            if {**LATER_FLAGS, **kept["settings"]} == settings:
+            later = {k: v for k, v in LATER_FLAGS.items() if k in settings}  # flags of a job's settings only
+            if {**later, **kept["settings"]} == settings:
                 return path, kept["result"]
     return None
 
@@ -857,7 +881,7 @@ def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -
 
 def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
     """The fixed real-data classifier of `seed` (its state and test accuracy), trained once and kept in jobs/."""
-    settings, name = job_settings(args), f"classifier-seed{seed}"
+    settings, name = classifier_settings(args), f"classifier-seed{seed}"
     found = find_kept(output_dir, name, settings)
     if found is not None:
         weights, kept = found[0].with_suffix(".safetensors"), found[1]

@@ -191,8 +191,9 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     # Every finished job and the seed's classifier are kept, named after a digest of their settings; the same flags
     # run again redo none of them.
     digest = benchmark.settings_digest(benchmark.job_settings(benchmark.parse_args(TINY)))
+    classifier = benchmark.settings_digest(benchmark.classifier_settings(benchmark.parse_args(TINY)))
     kept = sorted(path.name for path in (output_dir / "jobs").iterdir())
-    assert f"classifier-seed0-{digest}.safetensors" in kept and f"funlora-cos-seed0-{digest}.json" in kept
+    assert f"classifier-seed0-{classifier}.safetensors" in kept and f"funlora-cos-seed0-{digest}.json" in kept
     assert not list((output_dir / "jobs" / "partial").iterdir())  # a kept job's state after its tasks is removed
 
     def refuse(*args, **kwargs):
@@ -234,6 +235,10 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     )
     assert ran == ["funlora-linear"] and (job / f"funlora-linear-seed0-{digest}.json").read_bytes() == linear
     assert len(list(job.glob("funlora-linear-seed0-*.json"))) == 2
+    # ... and is evaluated by the seed's classifier: the generator's flags are not among those it depends on.
+    assert [path.name for path in job.glob("classifier-seed0-*.safetensors")] == [
+        f"classifier-seed0-{classifier}.safetensors"
+    ]
 
     # One method asked for: the table still reports every job kept with the same settings, in the usual order; a job
     # kept under the older name and before a flag existed matches that flag's value then (LATER_FLAGS).
