@@ -94,6 +94,8 @@ class FunLoRAModel(BaseTuner):
     _layers_key: tuple | None = None
     _layers: list = []
     _plan_cache: tuple | None = None
+    # The last injected adapter and the layers that got it, for `_cast_adapter_dtype` (PEFT calls it right after).
+    _injected: tuple[str | None, list] = (None, [])
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._unloaded = False
@@ -139,17 +141,19 @@ class FunLoRAModel(BaseTuner):
             peft_config.target_modules = [name for name, _ in _adaptable_convs(self.model)]
         return peft_config
 
-    def _target_convs(self, peft_config: FunLoRAConfig) -> dict[str, tuple[nn.Module, nn.Module, str]]:
+    def _target_convs(self, peft_config: FunLoRAConfig) -> tuple[dict[str, tuple[nn.Module, nn.Module, str]], bool]:
         """The convs `peft_config` targets, checked before anything is replaced (one pass over the model, not into the
-        FunLoRA layers): `{name: (module, parent, attribute)}` in module order.
+        FunLoRA layers): `{name: (module, parent, attribute)}` in module order, and whether the model holds a FunLoRA
+        layer already.
 
         None (the default) targets every dense conv and skips grouped ones. A name that matches a module FunLoRA
         cannot adapt (a leaf that is no `nn.Conv2d`, or a grouped conv) is refused with the remedy; a container that
         merely holds convs (e.g. a block matched by a broad regex) is not.
         """
         default = peft_config.target_modules is None
-        matched, refused, examples = {}, [], []
+        matched, refused, examples, wrapped = {}, [], [], False
         for name, module, parent, attribute in _walk(self.model):
+            wrapped = wrapped or isinstance(module, FunLoRALayer)
             if not name or name.endswith(".base_layer"):
                 continue
             is_conv = isinstance(module, (FunLoRALayer, nn.Conv2d))
@@ -180,7 +184,7 @@ class FunLoRAModel(BaseTuner):
                 f"matches no nn.Conv2d of the model. Its convs are named e.g. {examples}; pass names like these, or "
                 "leave target_modules=None to adapt every conv."
             )
-        return matched
+        return matched, wrapped
 
     def inject_adapter(
         self,
@@ -204,13 +208,12 @@ class FunLoRAModel(BaseTuner):
             # them apart.
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
         self._check_new_adapter_config(config, adapter_name)
-        targets = self._target_convs(config)
+        targets, wrapped_before = self._target_convs(config)
         if config.target_modules is None:
             config.target_modules = list(targets)
         if state_dict is not None:  # low_cpu_mem_usage loading: the modules the weights name
             saved = {key.rsplit("." + self.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict}
             targets = {name: found for name, found in targets.items() if name in saved}
-        first = not any(isinstance(module, FunLoRALayer) for _, module, _, _ in _walk(model))
         self._layers_key = None  # the set of layers changes
         wrapped = []
         try:
@@ -229,7 +232,8 @@ class FunLoRAModel(BaseTuner):
         for name in targets:
             if name not in self.targeted_module_names:
                 self.targeted_module_names.append(name)
-        if first:
+        self._injected = (adapter_name, [getattr(parent, attribute) for _, parent, attribute in targets.values()])
+        if not wrapped_before:
             self._mark_only_adapters_as_trainable(model)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -241,7 +245,9 @@ class FunLoRAModel(BaseTuner):
         """
         if not autocast_adapter_dtype:
             return
-        for layer in self._funlora_layers():  # found again after the injection, then kept for the forwards
+        injected_name, injected_layers = self._injected
+        layers = injected_layers if injected_name == adapter_name else self._funlora_layers()
+        for layer in layers:
             for store_name in FunLoRALayer.adapter_layer_names:
                 store = getattr(layer, store_name)
                 tensor = store.get(adapter_name)
