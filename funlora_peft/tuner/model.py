@@ -163,6 +163,8 @@ class FunLoRAModel(BaseTuner):
                 if is_conv and _conv_groups(module) == 1:
                     matched[name] = (module, parent, attribute)
                 continue
+            if not is_conv and next(module.children(), None) is not None:
+                continue  # a container: matched or not, it is neither adapted nor refused
             result = check_target_module_exists(peft_config, name)
             if not result or _is_excluded(result):
                 continue
@@ -170,7 +172,7 @@ class FunLoRAModel(BaseTuner):
                 matched[name] = (module, parent, attribute)
             elif is_conv:
                 refused.append(f"{name} (groups={_conv_groups(module)})")
-            elif not list(module.children()):
+            else:
                 refused.append(f"{name} ({type(module).__name__})")
         if refused:
             raise ValueError(
@@ -572,10 +574,11 @@ def base_model_name(name: str) -> str:
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """The tensors of `adapter_name` in `model`, keyed as PEFT saves them (`base_model.model.<conv>.funlora_a`).
 
-    One pass over the model's modules (their number does not grow with the adapters loaded), not over its state dict.
+    One pass over the model's modules, not into the FunLoRA layers (whose tensors grow with the adapters loaded), nor
+    over its state dict.
     """
     found = {}
-    for name, module in model.named_modules():
+    for name, module, _, _ in _walk(model):
         if not isinstance(module, FunLoRALayer):
             continue
         name = base_model_name(name)
@@ -593,7 +596,13 @@ def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: di
     Checks that every tensor maps to a FunLoRA tensor of an existing conv, that every such tensor is present, that
     shapes match, and that values are floating point and finite.
     """
-    expected = adapter_parameters(model, adapter_name)
+    return _state_dict_problem(adapter_parameters(model, adapter_name), adapter_name, state_dict)
+
+
+def _state_dict_problem(
+    expected: dict[str, nn.Parameter], adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> str | None:
+    """`check_adapter_state_dict` against the adapter's tensors `expected` (`adapter_parameters`)."""
     seen = set()
     for key, tensor in state_dict.items():
         ckpt_key = _checkpoint_key(key, adapter_name)
@@ -633,10 +642,10 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[s
     visits the whole model's state dict, this visits the adapter's own tensors: loading a run of many tasks stays
     linear in their number.
     """
-    problem = check_adapter_state_dict(model, adapter_name, state_dict)
+    targets = adapter_parameters(model, adapter_name)
+    problem = _state_dict_problem(targets, adapter_name, state_dict)
     if problem is not None:
         raise ValueError(problem)
-    targets = adapter_parameters(model, adapter_name)
     with torch.no_grad():
         for key, tensor in state_dict.items():
             targets[_checkpoint_key(key, adapter_name)].copy_(tensor)
