@@ -379,3 +379,21 @@ def test_recipe_sets_the_flags_the_benchmark_declares(benchmark):
     assert "function" not in shared and "init_omega" in shared and "task_train_batch_size" in shared
     assert {name: getattr(args, name) for name in shared} == {**shared, "task_steps": 5}
     assert not hasattr(args, "function")  # each method names its own family
+
+
+@pytest.mark.parametrize(
+    "folder", ["fashion_mnist", "fashion_mnist/sweep_init_omega_1", "fashion_mnist/sweep_init_std_3"]
+)
+def test_published_folders_keep_the_jobs_of_their_tables(benchmark, folder):
+    # docs/benchmark/<folder> is the comparison's store as well as its report: every run of its results.json is a job
+    # kept in its jobs/ under the settings it was made with, so `--output_dir docs/benchmark/<folder>` continues the
+    # comparison instead of running it again; every kept classifier is the file its record names.
+    output_dir = ROOT / "docs" / "benchmark" / folder
+    results = json.loads((output_dir / "results.json").read_text())
+    settings = {k: v for k, v in results["settings"].items() if k not in benchmark.NOT_JOB_SETTINGS}
+    for runs in results["runs"].values():
+        for run in runs:
+            assert benchmark.read_kept(output_dir, f"{run['method']}-seed{run['seed']}", settings) == run
+    for record in (output_dir / "jobs").glob("classifier-seed*.json"):
+        kept = json.loads(record.read_text())
+        assert benchmark.sha256_of(record.with_suffix(".safetensors")) == kept["result"]["sha256"]
