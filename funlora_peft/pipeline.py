@@ -258,6 +258,7 @@ class FunLoRAPipeline(DiffusionPipeline):
         finally:
             if merged:
                 tuner.unmerge_adapter()
+            tuner.release_class_weights()  # built once for this call's steps; not kept beyond it
 
         images = (x.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":

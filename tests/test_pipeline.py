@@ -34,9 +34,13 @@ def test_sampling_is_the_euler_ode_of_the_routed_model(run_folder):
     x_0 = torch.randn(3, 1, 8, 8, generator=generator)
     with torch.no_grad():
         expected = sample_ode(lambda x, t: pipe.unet(x, t_to_model_timestep(t), class_labels=labels).sample, x_0, 4)
+    layers = pipe.tuner._funlora_layers()
+    assert any(layer._weight_cache is not None for layer in layers)  # kept by the model between the steps
     generator = torch.Generator().manual_seed(5)
     got = pipe(class_labels=labels, num_inference_steps=4, generator=generator, output_type="pt")
     torch.testing.assert_close(got.images, (expected / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    # the pipeline builds the class weights for its call's steps and does not keep them beyond it
+    assert all(layer._weight_cache is None for layer in layers)
 
 
 def test_single_class_batch_is_merged_and_equals_routed(run_folder):

@@ -666,9 +666,15 @@ def test_sampling_builds_the_class_weights_once_and_a_parameter_update_rebuilds_
         model(x_t, t, class_labels=torch.full((6,), 3))
         model.base_model.unmerge_adapter()
         assert torch.equal(model(x_t, t, class_labels=MIXED).sample, first) and len(builds) == len(layers)
-    # a training step changes the adapters in place: the next sampling call rebuilds, never a stale weight
+        # released (as the pipeline does when its call ends), they are built again by the next forward
+        model.base_model.release_class_weights()
+        assert all(layer._weight_cache is None for layer in layers)
+        assert torch.equal(model(x_t, t, class_labels=MIXED).sample, first) and len(builds) == 2 * len(layers)
+    # a training step changes the adapters in place: its forward frees the stale weights, and the next sampling call
+    # rebuilds them, never a stale weight
     optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "funlora_" in n], lr=0.5)
     model(x_t, t, class_labels=MIXED).sample.square().mean().backward()
+    assert all(layer._weight_cache is None for layer in layers)
     optimizer.step()
     builds.clear()
     with torch.no_grad():

@@ -586,6 +586,8 @@ class Conv2d(nn.Module, FunLoRALayer):
         else:
             dtype = base.weight.dtype
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
+            if not torch.compiler.is_compiling():
+                self._weight_cache = None  # a training step makes the sampling weights stale: free them now
             weight, bias = base.weight.to(dtype), base.bias
             bias = None if bias is None else bias.to(dtype)
             conv_args = (base.stride, padding, base.dilation)
