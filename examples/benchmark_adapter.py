@@ -597,6 +597,11 @@ def benchmark_size(
             model, _ = make_funlora_model(
                 bare, function, num_adapters=2, classes_per_adapter=classes // 2, seed=args.seed
             )
+            # The same model again for the sampling cases: a training forward frees the class weights a model keeps
+            # for sampling, and the sampling cases time a sampling loop's steps after its first (weights built).
+            sampler, _ = make_funlora_model(
+                bare, function, num_adapters=2, classes_per_adapter=classes // 2, seed=args.seed
+            )
             info.adapted_convs = count_adapted_convs(model)
             info.extra_parameters_per_class[function] = extra_parameters_per_class(model, "task_1")
             problem = check_merge(model, x[:2], t[:2], MERGED_CLASS) if precision == args.precisions[0] else None
@@ -606,9 +611,9 @@ def benchmark_size(
                 train_case(f"{key}/bare_train", bare, x, t, target, None, precision),
                 train_case(f"{key}/train_10", model, x, t, target, interleaved, precision),
                 forward_case(f"{key}/bare_forward", bare, x, t, None, precision=precision),
-                forward_case(f"{key}/forward_merged", model, x, t, labels_single, MERGED_CLASS, precision),
+                forward_case(f"{key}/forward_merged", sampler, x, t, labels_single, MERGED_CLASS, precision),
                 forward_case(f"{key}/bare_forward_sampling", bare, x_sampling, t_sampling, None, precision=precision),
-                forward_case(f"{key}/forward_mixed", model, x_sampling, t_sampling, shuffled, precision=precision),
+                forward_case(f"{key}/forward_mixed", sampler, x_sampling, t_sampling, shuffled, precision=precision),
             ]
             if args.compile is not None and (not args.compile or function in args.compile):
                 log(f"  {spec.name} {key}: torch.compile (inductor) ...")
