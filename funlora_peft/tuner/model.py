@@ -245,9 +245,10 @@ class FunLoRAModel(BaseTuner):
         PEFT's own version walks every submodule of every adapted layer, each earlier adapter's tensors included, at
         every `add_adapter`; this visits the FunLoRA layers' stores of this one adapter.
         """
+        injected_name, injected_layers = self._injected
+        self._injected = (None, [])  # used once: keep no reference to layers that may be unloaded later
         if not autocast_adapter_dtype:
             return
-        injected_name, injected_layers = self._injected
         layers = injected_layers if injected_name == adapter_name else self._funlora_layers()
         for layer in layers:
             for store_name in FunLoRALayer.adapter_layer_names:
