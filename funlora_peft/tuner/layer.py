@@ -321,6 +321,10 @@ class FunLoRALayer(BaseTunerLayer):
                 self._weight_cache = (key, *self._class_weights(self._class_scales(plan)))
         return self._weight_cache[1], self._weight_cache[2]
 
+    def release_class_weights(self) -> None:
+        """Free the class weights `_cached_class_weights` keeps; the next forward without gradients builds them."""
+        self._weight_cache = None
+
     def get_delta_weight(self, adapter_name: str, class_label: int) -> torch.Tensor:
         """W_y - W0 = W0 * F_y for one class of `adapter_name`, in the dtype of W0."""
         row = self.funlora_class_ids[adapter_name].index(int(class_label))
@@ -585,9 +589,9 @@ class Conv2d(nn.Module, FunLoRALayer):
             dtype = x.dtype
         else:
             dtype = base.weight.dtype
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.release_class_weights()  # a training step makes the sampling weights stale: free them now
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph fuses the weight build)
-            if not torch.compiler.is_compiling():
-                self._weight_cache = None  # a training step makes the sampling weights stale: free them now
             weight, bias = base.weight.to(dtype), base.bias
             bias = None if bias is None else bias.to(dtype)
             conv_args = (base.stride, padding, base.dilation)

@@ -495,7 +495,7 @@ class FunLoRAModel(BaseTuner):
         gradients builds them again. A training forward releases its layer's own.
         """
         for layer in self._funlora_layers():
-            layer._weight_cache = None
+            layer.release_class_weights()
 
     def _named_funlora_layers(self) -> list[tuple[str, FunLoRALayer]]:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, FunLoRALayer)]
