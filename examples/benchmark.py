@@ -119,7 +119,7 @@ JOBS_SUBFOLDER = "jobs"  # one JSON per finished (method, seed) job and one clas
 # job is kept; a job stopped part way resumes from it.
 PARTIAL_SUBFOLDER, PARTIAL_TENSORS, PARTIAL_RECORD = "partial", "model.safetensors", "progress.json"
 # Flags that change neither what a job computes nor its result.
-NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe")
+NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe", "classifier_dir")
 # Flags added after jobs were first kept, with the value those jobs ran with: a kept job without the flag matches it.
 LATER_FLAGS = {"num_functions": 10}
 SAMPLING_IMAGES = 100
@@ -187,6 +187,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Folder of the result files. Every finished (method, seed) job is kept in its jobs/ subfolder, so that a "
         "stopped benchmark run again with the same flags continues where it stopped (a job stopped part way after "
         "the last task it finished).",
+    )
+    parser.add_argument(
+        "--classifier_dir",
+        type=str,
+        default=None,
+        help="Another benchmark folder whose kept real-data classifiers to reuse when this folder has none for a seed "
+        "(copied into this folder's jobs/): the points of a sweep kept in folders of their own are then evaluated "
+        "by the same classifier as the comparison, e.g. --classifier_dir docs/benchmark/fashion_mnist.",
     )
     parser.add_argument(
         "--methods",
@@ -277,6 +285,11 @@ def check_args(args: argparse.Namespace) -> None:
         protocol_args.unet_config_from_args(args, 1, args.resolution)
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output_dir={args.output_dir} is a file; pass a folder.")
+    if args.classifier_dir is not None and not (Path(args.classifier_dir) / JOBS_SUBFOLDER).is_dir():
+        raise ValueError(
+            f"--classifier_dir={args.classifier_dir} has no {JOBS_SUBFOLDER}/ folder of kept classifiers; pass the "
+            "--output_dir of an earlier benchmark run with the same data and classifier flags."
+        )
     selected_methods(args)
 
 
@@ -879,14 +892,34 @@ def kept_jobs(output_dir: Path, settings: dict, exclude: set[tuple[str, int]]) -
     return found
 
 
-def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
-    """The fixed real-data classifier of `seed` (its state and test accuracy), trained once and kept in jobs/."""
-    settings, name = classifier_settings(args), f"classifier-seed{seed}"
+def kept_classifier(output_dir: Path, name: str, settings: dict) -> tuple[Path, dict] | None:
+    """The weights file and record of the classifier `name` kept in `output_dir` with `settings` (checked by its
+    sha256), else None."""
     found = find_kept(output_dir, name, settings)
     if found is not None:
         weights, kept = found[0].with_suffix(".safetensors"), found[1]
         if weights.is_file() and sha256_of(weights) == kept["sha256"]:
-            return load_file(weights), kept["real_data_accuracy"]
+            return weights, kept
+    return None
+
+
+def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir: Path) -> tuple[dict, float]:
+    """The fixed real-data classifier of `seed` (its state and test accuracy), trained once and kept in jobs/.
+
+    Without one here, the one kept in `--classifier_dir` is copied into this folder's jobs/ (so that the folder keeps
+    the classifier its table was evaluated with); without either, it is trained.
+    """
+    settings, name = classifier_settings(args), f"classifier-seed{seed}"
+    found = kept_classifier(output_dir, name, settings)
+    if found is None and args.classifier_dir is not None:
+        source = kept_classifier(Path(args.classifier_dir), name, settings)
+        if source is not None:
+            weights = _kept_file(output_dir, name, settings, ".safetensors")
+            write_file_atomic(weights, lambda path: shutil.copyfile(source[0], path))
+            keep(output_dir, name, settings, source[1])
+            found = kept_classifier(output_dir, name, settings)
+    if found is not None:
+        return load_file(found[0]), found[1]["real_data_accuracy"]
     evaluator = make_evaluator(args, data, tasks, seed)
     state = {k: v.detach().cpu().contiguous() for k, v in evaluator.classifier.state_dict().items()}
     weights = _kept_file(output_dir, name, settings, ".safetensors")

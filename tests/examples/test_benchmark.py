@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_example
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,6 +170,7 @@ def test_equal_budget_and_costs(tiny_run):
         ),
         (["--classes_per_task", "4"], r"--classes_per_task=4 leaves a single task .* lower --classes_per_task"),
         (["--replay_samples_per_class", "0"], r"--replay_samples_per_class=0 must be >= 1"),
+        (["--classifier_dir", "no/such/folder"], r"--classifier_dir=no/such/folder has no jobs/ folder of kept"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(benchmark, tmp_path, flags, message):
@@ -250,6 +252,37 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     one = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
     assert list(one["runs"]) == _expected_rows(benchmark)
     assert one["runs"]["FunLoRA cos"] == json.loads(json.dumps(results["runs"]["FunLoRA cos"]))
+
+
+@pytest.mark.slow
+def test_a_sweep_folder_takes_the_seed_classifier_of_another_folder(benchmark, tiny_run, tmp_path, monkeypatch):
+    # A sweep kept in a folder of its own is evaluated by the comparison's classifier: --classifier_dir copies it
+    # into the new folder's jobs/ instead of training another one (which on another machine would differ).
+    output_dir, _ = tiny_run
+    args = benchmark.parse_args([*TINY, "--output_dir", str(tmp_path / "sweep"), "--classifier_dir", str(output_dir)])
+    data, tasks = benchmark.load_data(args)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the classifier was trained again")
+
+    monkeypatch.setattr(benchmark, "make_evaluator", refuse)
+    state, accuracy = benchmark.seed_classifier(args, data, tasks, 0, tmp_path / "sweep")
+    name = f"classifier-seed0-{benchmark.settings_digest(benchmark.classifier_settings(args))}"
+    source = json.loads((output_dir / "jobs" / f"{name}.json").read_text())
+    copied = tmp_path / "sweep" / "jobs" / f"{name}.safetensors"
+    assert benchmark.sha256_of(copied) == source["result"]["sha256"]
+    assert accuracy == source["result"]["real_data_accuracy"]
+    assert json.loads(copied.with_suffix(".json").read_text()) == source
+    kept = benchmark.load_file(output_dir / "jobs" / f"{name}.safetensors")
+    assert all(torch.equal(state[key], kept[key]) for key in kept) and state.keys() == kept.keys()
+    # The flag is not a setting of the jobs: the sweep's jobs keep the digest they would have without it.
+    assert benchmark.job_settings(args) == benchmark.job_settings(benchmark.parse_args(TINY))
+
+    # A seed the other folder has no classifier for is trained here, as without the flag.
+    monkeypatch.undo()
+    benchmark.seed_classifier(args, data, tasks, 5, tmp_path / "sweep")
+    assert (tmp_path / "sweep" / "jobs" / name.replace("seed0", "seed5")).with_suffix(".safetensors").is_file()
+    assert not list((output_dir / "jobs").glob("classifier-seed5-*"))
 
 
 # What differs between a job run at once and one stopped and resumed: the clocks and the process's peak memory.
@@ -381,9 +414,18 @@ def test_recipe_sets_the_flags_the_benchmark_declares(benchmark):
     assert not hasattr(args, "function")  # each method names its own family
 
 
-@pytest.mark.parametrize(
-    "folder", ["fashion_mnist", "fashion_mnist/sweep_init_omega_1", "fashion_mnist/sweep_init_std_3"]
+# The comparison's folder and every sweep folder inside it.
+STORES = sorted(
+    str(path.parent.relative_to(ROOT / "docs" / "benchmark"))
+    for path in (ROOT / "docs" / "benchmark" / "fashion_mnist").rglob("results.json")
 )
+
+
+def test_the_fashion_mnist_comparison_and_its_sweeps_are_published():
+    assert {"fashion_mnist", "fashion_mnist/sweep_init_omega_1", "fashion_mnist/sweep_init_std_3"} <= set(STORES)
+
+
+@pytest.mark.parametrize("folder", STORES)
 def test_published_folders_keep_the_jobs_of_their_tables(benchmark, folder):
     # docs/benchmark/<folder> is the comparison's store as well as its report: every run of its results.json is a job
     # kept in its jobs/ under the settings it was made with, so `--output_dir docs/benchmark/<folder>` continues the
