@@ -1141,17 +1141,6 @@ def main(args: argparse.Namespace) -> dict:
         else:
             record(result, kept=True)
     jobs = pending
-    # Jobs kept with the same settings by earlier runs of other methods or seeds join the table: a benchmark run in
-    # pieces (one command per method, one after another) reports in one table.
-    others = kept_jobs(output_dir, settings, exclude={(m.key, seed) for m in methods for seed in seeds})
-    for method in [m for m in METHODS.values() if m.key in {key for key, _ in others}]:
-        if method not in methods:
-            methods.append(method)
-            runs[row_name(method, args)] = []
-    for result in others.values():
-        runs[result["name"]].append(result)
-    methods.sort(key=lambda method: list(METHODS).index(method.key))
-
     if args.num_workers == 0:
         for key, seed in jobs:
             record(run_job(args, key, seed, classifiers[seed]))
@@ -1172,6 +1161,17 @@ def main(args: argparse.Namespace) -> dict:
             for future in as_completed(futures):
                 record(future.result())
 
+    # Jobs kept with the same settings by other runs join the table: a benchmark run in pieces (one command per
+    # method, one after another or side by side in one folder) reports in one table. Read once this run's jobs are
+    # done, so that a job another command finished meanwhile is in it.
+    others = kept_jobs(output_dir, settings, exclude={(m.key, seed) for m in methods for seed in seeds})
+    for method in [m for m in METHODS.values() if m.key in {key for key, _ in others}]:
+        if method not in methods:
+            methods.append(method)
+            runs[row_name(method, args)] = []
+    for result in others.values():
+        runs[result["name"]].append(result)
+    methods.sort(key=lambda method: list(METHODS).index(method.key))
     runs = {row_name(method, args): runs[row_name(method, args)] for method in methods}  # in the table's order
     summaries = {}
     for name, method_runs in runs.items():

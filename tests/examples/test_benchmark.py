@@ -253,6 +253,21 @@ def test_a_stopped_benchmark_continues_job_by_job(benchmark, tiny_run, tmp_path,
     assert list(one["runs"]) == _expected_rows(benchmark)
     assert one["runs"]["FunLoRA cos"] == json.loads(json.dumps(results["runs"]["FunLoRA cos"]))
 
+    # Two commands side by side in one folder: a job the other one keeps while this one runs joins this one's table.
+    finetune = job / f"finetune-seed0-{digest}.json"
+    record_of_other = finetune.read_text()
+    finetune.unlink()
+    (job / f"lora1-seed0-{digest}.json").unlink()
+
+    def other_command_finishes_meanwhile(args, key, seed, classifier_state):
+        finetune.write_text(record_of_other)
+        return real_run_job(args, key, seed, classifier_state)
+
+    monkeypatch.setattr(benchmark, "run_job", other_command_finishes_meanwhile)
+    side = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(partial), "--methods", "lora1"]))
+    assert list(side["runs"]) == _expected_rows(benchmark)
+    assert [run["method"] for run in side["runs"]["fine-tuning"]] == ["finetune"]
+
 
 @pytest.mark.slow
 def test_a_sweep_folder_takes_the_seed_classifier_of_another_folder(benchmark, tiny_run, tmp_path, monkeypatch):
