@@ -917,7 +917,7 @@ def seed_classifier(args: argparse.Namespace, data, tasks, seed: int, output_dir
             weights = _kept_file(output_dir, name, settings, ".safetensors")
             write_file_atomic(weights, lambda path: shutil.copyfile(source[0], path))
             keep(output_dir, name, settings, source[1])
-            found = kept_classifier(output_dir, name, settings)
+            found = weights, source[1]
     if found is not None:
         return load_file(found[0]), found[1]["real_data_accuracy"]
     evaluator = make_evaluator(args, data, tasks, seed)
