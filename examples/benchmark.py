@@ -36,12 +36,13 @@ python examples/benchmark.py --dataset_name uoft-cs/cifar100 --image_column img 
 ```
 
 Fashion-MNIST (`apt-get install dataset-fashion-mnist`) with the settings of `train.py --recipe fashion-mnist`
-(28x28, a (32, 64, 64) UNet, 600 steps at batch 64 on task 0 and 300 at batch 32 on each later task; every method
-draws its images regardless of their class, where train.py draws class-balanced batches):
+(28x28, a (32, 64, 64) UNet, 600 steps at batch 64 on task 0 and 1,000 at batch 32 on each later task; the published
+comparison, docs/benchmark.md, ran at 300, `--task_steps 300`; every method draws its images regardless of their class,
+where train.py draws class-balanced batches):
 
 ```bash
-python examples/benchmark.py --recipe fashion-mnist --methods joint,finetune,replay --seeds 0 --num_workers 1 \
-    --replay_samples_per_class 500 --output_dir runs/bench-fashion-mnist
+python examples/benchmark.py --recipe fashion-mnist --task_steps 300 --methods joint,finetune,replay --seeds 0 \
+    --num_workers 1 --replay_samples_per_class 500 --output_dir runs/bench-fashion-mnist
 ```
 
 Outputs in --output_dir: `results.md` (one markdown table, a row per method), `results.json` (the settings, every
