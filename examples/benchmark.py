@@ -104,7 +104,13 @@ from funlora_peft.continual.evaluation import (
 from funlora_peft.continual.importance import compute_layer_importance, select_target_modules
 from funlora_peft.continual.tasks import task_dataset
 from funlora_peft.diagnostics import adapter_diagnostics
-from funlora_peft.flow_matching import flow_matching_loss, num_function_evaluations, sample_ode, t_to_model_timestep
+from funlora_peft.flow_matching import (
+    flow_matching_loss,
+    num_function_evaluations,
+    sample_ode,
+    shifted_time_grid,
+    t_to_model_timestep,
+)
 from funlora_peft.run_folder import (
     read_json,
     sha256_of,
@@ -122,7 +128,10 @@ PARTIAL_SUBFOLDER, PARTIAL_TENSORS, PARTIAL_RECORD = "partial", "model.safetenso
 # Flags that change neither what a job computes nor its result.
 NOT_JOB_SETTINGS = ("output_dir", "methods", "seeds", "num_workers", "quick", "recipe", "classifier_dir")
 # Flags added after jobs were first kept, with the value those jobs ran with: a kept job without the flag matches it.
-LATER_FLAGS = {"num_functions": 10}
+LATER_FLAGS = {"num_functions": 10, "scheduler_shift": 1.0}
+# Of those, the ones added after kept files were named by a digest of their settings: left out of the digest at that
+# value, so that the files kept before them keep their names.
+UNDIGESTED_FLAGS = ("scheduler_shift",)
 SAMPLING_IMAGES = 100
 
 
@@ -338,7 +347,12 @@ class Learner:
 
     def sample_single_class(self, class_id: int, x_0: torch.Tensor) -> torch.Tensor:
         labels = torch.full((x_0.shape[0],), class_id, device=self.device)
-        return sample_ode(lambda x, t: self.velocity(x, t, labels), x_0, self.args.num_inference_steps)
+        return sample_ode(lambda x, t: self.velocity(x, t, labels), x_0, **self.sampler())
+
+    def sampler(self) -> dict:
+        """`sample_ode`'s steps and time grid: the Euler grid `FunLoRAPipeline` integrates with the run's shift."""
+        steps = self.args.num_inference_steps
+        return {"num_steps": steps, "time_grid": shifted_time_grid(steps, self.args.scheduler_shift)}
 
     def extra_parameters_per_class(self) -> float:
         raise NotImplementedError
@@ -537,9 +551,7 @@ class LoRALearner(Learner):
 
     def sample_single_class(self, class_id: int, x_0: torch.Tensor) -> torch.Tensor:
         self.model.base_model.set_adapter(f"class_{class_id}")
-        return sample_ode(
-            lambda x, t: self.model(x, t_to_model_timestep(t)).sample, x_0, self.args.num_inference_steps
-        )
+        return sample_ode(lambda x, t: self.model(x, t_to_model_timestep(t)).sample, x_0, **self.sampler())
 
     def extra_parameters_per_class(self) -> float:
         new = [c for task in self.tasks[1:] for c in task]
@@ -621,7 +633,7 @@ def time_sampling(learner: Learner, data, class_ids: list[int], seed: int) -> fl
     if learner.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    sample_ode(lambda x, t: learner.velocity(x, t, labels), x_0, learner.args.num_inference_steps)
+    sample_ode(lambda x, t: learner.velocity(x, t, labels), x_0, **learner.sampler())
     if learner.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -801,7 +813,8 @@ def read_partial(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Te
         record = None
     usable = (
         isinstance(record, dict)
-        and record.get("settings") == settings
+        and isinstance(record.get("settings"), dict)
+        and same_settings(record["settings"], settings)
         and tensors_path.is_file()
         and sha256_of(tensors_path) == record.get("sha256")
     )
@@ -849,7 +862,14 @@ _KEPT_NAME = re.compile(r"(?P<name>.+?)(-[0-9a-f]{12})?")
 
 
 def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    named = {k: v for k, v in settings.items() if not (k in UNDIGESTED_FLAGS and v == LATER_FLAGS[k])}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def same_settings(kept: dict, settings: dict) -> bool:
+    """Whether settings kept with a job are `settings`, a flag added since (LATER_FLAGS) at the value it ran with."""
+    later = {k: v for k, v in LATER_FLAGS.items() if k in settings}  # flags of a job's settings only
+    return {**later, **kept} == settings
 
 
 def _kept_file(output_dir: Path, name: str, settings: dict, suffix: str = ".json") -> Path:
@@ -863,8 +883,7 @@ def find_kept(output_dir: Path, name: str, settings: dict) -> tuple[Path, dict] 
             continue
         kept = read_json(path)
         if isinstance(kept, dict) and isinstance(kept.get("settings"), dict):
-            later = {k: v for k, v in LATER_FLAGS.items() if k in settings}  # flags of a job's settings only
-            if {**later, **kept["settings"]} == settings:
+            if same_settings(kept["settings"], settings):
                 return path, kept["result"]
     return None
 

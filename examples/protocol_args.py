@@ -391,6 +391,14 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, eval_samples_pe
     group = parser.add_argument_group("evaluation")
     group.add_argument("--num_inference_steps", type=int, default=10, help="Euler steps (NFE) of the sampler.")
     group.add_argument(
+        "--scheduler_shift",
+        type=float,
+        default=1.0,
+        help="Timestep shift of the sampler (the `shift` of diffusers' FlowMatchEulerDiscreteScheduler): noise level "
+        "sigma -> s sigma / (1 + (s - 1) sigma) on the uniform grid, so that s > 1 spends more of the steps near the "
+        "noise. 1: the uniform grid. A run folder keeps it in scheduler/, which its pipeline samples with.",
+    )
+    group.add_argument(
         "--eval_samples_per_class",
         type=int,
         default=eval_samples_per_class,
@@ -434,6 +442,8 @@ def evaluator_kwargs(args: argparse.Namespace) -> dict:
 
 def check_evaluation_arguments(args: argparse.Namespace) -> None:
     check_at_least(args, 1, "num_inference_steps", "classifier_epochs", "classifier_steps", "cas_steps_per_class")
+    if not 0 < args.scheduler_shift < float("inf"):
+        raise ValueError(f"--scheduler_shift must be a number > 0 (1: no shift), got {args.scheduler_shift}.")
     if args.eval_samples_per_class < 2:
         raise ValueError(
             f"--eval_samples_per_class must be >= 2 (the Frechet distance needs a covariance), got "

@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from diffusers import UNet2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from peft import get_peft_model
@@ -666,6 +666,8 @@ def write_task_outputs(
         [adapter_name],
         save_backbone_weights=task == 0 or result is None,
         class_names=dict(enumerate(run.data.class_names)),
+        # The sampler the evaluation uses, kept so that the folder's pipeline draws the same samples.
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=args.scheduler_shift),
     )
     pipe = FunLoRAPipeline.from_pretrained(output_dir).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)

@@ -331,6 +331,47 @@ def uniform_time_grid(
     return torch.linspace(0.0, 1.0, num_steps + 1, device=device, dtype=dtype)
 
 
+def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The timestep shift of diffusers' `FlowMatchEulerDiscreteScheduler(shift=...)`: sigma -> s sigma / (1 + (s - 1)
+    sigma).
+
+    It keeps sigma = 0 and 1 and, for s > 1, raises every sigma in between: a grid uniform in sigma then spends more of
+    its steps near the noise, where the coarse layout of an image is decided, and takes longer ones near the data.
+    s = 1 is the identity.
+
+    Example:
+        >>> shift_sigma(torch.tensor([1.0, 0.5, 0.1, 0.0]), 3.0)
+        tensor([1.0000, 0.7500, 0.2500, 0.0000])
+    """
+    _check_shift(shift)
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _check_shift(shift: float) -> None:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0 or shift == float("inf"):
+        raise ValueError(f"`shift` must be a number > 0, got {shift!r}.")
+
+
+def shifted_time_grid(
+    num_steps: int, shift: float = 1.0, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """`uniform_time_grid(num_steps)` under the timestep shift `shift_sigma(., shift)`, shape `(num_steps + 1,)`.
+
+    The grid `FunLoRAPipeline` integrates with a `FlowMatchEulerDiscreteScheduler(shift=shift)`: pass it to
+    `sample_ode(..., time_grid=...)` to draw the same samples without a pipeline. `shift=1` gives the uniform grid
+    itself.
+
+    Example:
+        >>> shifted_time_grid(4, 3.0)
+        tensor([0.0000, 0.1000, 0.2500, 0.5000, 1.0000])
+    """
+    _check_shift(shift)
+    grid = uniform_time_grid(num_steps, device=device, dtype=dtype)
+    if shift == 1:  # exactly the uniform grid (1 - (1 - t) need not round back to t)
+        return grid
+    return sigma_to_t(shift_sigma(t_to_sigma(grid), shift))
+
+
 def num_function_evaluations(num_steps: int, method: str = "euler") -> int:
     """Number of velocity evaluations (NFE) `sample_ode` makes: `num_steps` (Euler) or `2 * num_steps - 1` (Heun)."""
     if not isinstance(num_steps, int) or num_steps < 1:

@@ -17,6 +17,8 @@ from funlora_peft.flow_matching import (
     sample_ode,
     sample_time,
     scheduler_timestep_to_model_timestep,
+    shift_sigma,
+    shifted_time_grid,
     sigma_to_t,
     t_to_model_timestep,
     t_to_sigma,
@@ -275,6 +277,34 @@ def test_euler_sampler_matches_flow_match_euler_scheduler(num_steps):
     default_reference = _run_scheduler(scheduler, _curved_velocity, x_0)
     same = torch.allclose(sample_ode(_curved_velocity, x_0, num_steps), default_reference, atol=1e-4)
     assert same == (num_steps == 1)
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.0, 3.0])
+def test_shifted_grid_is_the_shifted_schedulers_grid(shift):
+    """`shifted_time_grid` is the grid of a `FlowMatchEulerDiscreteScheduler(shift=...)` handed the uniform sigmas, as
+    `FunLoRAPipeline` hands them: the scheduler applies its own shift to custom sigmas."""
+    num_steps = 10
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=t_to_sigma(uniform_time_grid(num_steps))[:-1].tolist())
+    grid = shifted_time_grid(num_steps, shift)
+    # float32 rounding of sigmas in [0, 1]: a few ulps of 1.0
+    torch.testing.assert_close(sigma_to_t(scheduler.sigmas), grid, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+    assert grid[0] == 0 and grid[-1] == 1 and (grid.diff() > 0).all()
+    if shift == 1.0:
+        assert torch.equal(grid, uniform_time_grid(num_steps))
+    elif shift > 1:  # more of the steps near the noise (t = 0), a longer last step
+        assert grid.diff()[0] < 1 / num_steps < grid.diff()[-1]
+    x_0 = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    reference = _run_scheduler(scheduler, _curved_velocity, x_0)
+    torch.testing.assert_close(sample_ode(_curved_velocity, x_0, num_steps, time_grid=grid), reference)
+
+
+@pytest.mark.parametrize("shift", [0, -1.0, float("nan"), float("inf"), True, "3"])
+def test_shift_must_be_a_positive_number(shift):
+    with pytest.raises(ValueError, match="`shift` must be a number > 0"):
+        shift_sigma(0.5, shift)
+    with pytest.raises(ValueError, match="`shift` must be a number > 0"):
+        shifted_time_grid(4, shift)
 
 
 @pytest.mark.parametrize("num_steps", [2, 6])

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_pipeline, sample_images
-from diffusers import FlowMatchHeunDiscreteScheduler, UNet2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DModel
 
 from funlora_peft import FunLoRAPipeline
-from funlora_peft.flow_matching import sample_ode, sigma_to_t, t_to_model_timestep
+from funlora_peft.flow_matching import sample_ode, shifted_time_grid, sigma_to_t, t_to_model_timestep
 from funlora_peft.pipeline import make_image_grid
 
 
@@ -41,6 +41,26 @@ def test_sampling_is_the_euler_ode_of_the_routed_model(run_folder):
     torch.testing.assert_close(got.images, (expected / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
     # the pipeline builds the class weights for its call's steps and does not keep them beyond it
     assert all(layer._weight_cache is None for layer in layers)
+
+
+def test_a_shifted_scheduler_integrates_the_shifted_grid(run_folder):
+    """A scheduler with a timestep shift samples the ODE on `shifted_time_grid`, the grid benchmark.py and the
+    evaluation of train.py use for the same shift; the shift changes the samples."""
+    pipe = load_pipeline(run_folder)
+    labels = torch.tensor([2, 0, 4])
+    x_0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = sample_ode(
+            lambda x, t: pipe.unet(x, t_to_model_timestep(t), class_labels=labels).sample,
+            x_0,
+            4,
+            time_grid=shifted_time_grid(4, 3.0),
+        )
+    unshifted = pipe(class_labels=labels, num_inference_steps=4, generator=torch.manual_seed(5), output_type="pt")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    got = pipe(class_labels=labels, num_inference_steps=4, generator=torch.manual_seed(5), output_type="pt")
+    torch.testing.assert_close(got.images, (expected / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    assert (got.images - unshifted.images).abs().max() > 1e-2
 
 
 def test_single_class_batch_is_merged_and_equals_routed(run_folder):

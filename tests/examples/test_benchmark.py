@@ -402,6 +402,19 @@ def test_a_killed_benchmark_takes_its_workers_with_it(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_flag_added_later_keeps_the_names_of_earlier_jobs(benchmark):
+    # --scheduler_shift came after kept files were named by a digest of their settings: at the value earlier jobs
+    # ran with (1, no shift) it leaves the digest as it was; another value is another job.
+    settings = benchmark.job_settings(benchmark.parse_args(TINY))
+    before = {k: v for k, v in settings.items() if k != "scheduler_shift"}
+    assert settings["scheduler_shift"] == 1.0
+    assert benchmark.settings_digest(settings) == benchmark.settings_digest(before)
+    assert benchmark.same_settings(before, settings)
+    shifted = benchmark.job_settings(benchmark.parse_args([*TINY, "--scheduler_shift", "3"]))
+    assert benchmark.settings_digest(shifted) != benchmark.settings_digest(settings)
+    assert not benchmark.same_settings(before, shifted)
+
+
 def test_num_functions_sets_p_of_the_functional_rows(benchmark, tmp_path):
     methods = ["--methods", "funlora-rshift,funlora-linear", "--num_functions", "3"]
     results = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(tmp_path), *methods]))
@@ -448,9 +461,12 @@ def test_published_folders_keep_the_jobs_of_their_tables(benchmark, folder):
     output_dir = ROOT / "docs" / "benchmark" / folder
     results = json.loads((output_dir / "results.json").read_text())
     settings = {k: v for k, v in results["settings"].items() if k not in benchmark.NOT_JOB_SETTINGS}
+    # A command of today holds the flags added since (LATER_FLAGS) at the values those jobs ran with: it finds them.
+    today = {**benchmark.LATER_FLAGS, **settings}
     for runs in results["runs"].values():
         for run in runs:
             assert benchmark.read_kept(output_dir, f"{run['method']}-seed{run['seed']}", settings) == run
+            assert benchmark.read_kept(output_dir, f"{run['method']}-seed{run['seed']}", today) == run
     for record in (output_dir / "jobs").glob("classifier-seed*.json"):
         kept = json.loads(record.read_text())
         assert benchmark.sha256_of(record.with_suffix(".safetensors")) == kept["result"]["sha256"]

@@ -64,7 +64,7 @@ def run_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def tiny_run(tmp_path_factory):
     """One uninterrupted tiny run, shared by the tests that read it."""
     output_dir = tmp_path_factory.mktemp("train") / "run"
-    result = launch(output_dir, "--use_ema")
+    result = launch(output_dir, "--use_ema", "--scheduler_shift", "2")
     check_ok(result)
     return SimpleNamespace(output_dir=output_dir, result=result)
 
@@ -91,6 +91,7 @@ def test_end_to_end_run_folder_metrics_and_pipeline(tiny_run):
         "task_1/adapter_model.safetensors",
         "samples/after_task_0.png",
         "samples/after_task_1.png",
+        "scheduler/scheduler_config.json",
     ]:
         assert (out / relpath).is_file(), relpath
     card = (out / "README.md").read_text()  # our model card, not PEFT's
@@ -151,6 +152,8 @@ def test_end_to_end_run_folder_metrics_and_pipeline(tiny_run):
     pipe = FunLoRAPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.class_ids == [0, 1, 2, 3]
+    # The folder keeps the sampler its evaluation used (--scheduler_shift), so its pipeline draws the same samples.
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 2.0
     images = pipe(
         class_labels=[0, 1, 2, 3], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt"
     ).images
@@ -194,13 +197,13 @@ def test_multi_process_data_parallel(tmp_path):
 def test_resume_in_the_middle_of_a_task_gives_the_uninterrupted_adapters(tiny_run, tmp_path):
     out = tmp_path / "resumed"
     # Stopped after global step 8 (task 1, step 4); the last checkpoint is checkpoint-6 (task 1, step 2).
-    check_ok(launch(out, "--use_ema", "--interrupt_after_steps", "8"))
+    check_ok(launch(out, "--use_ema", "--scheduler_shift", "2", "--interrupt_after_steps", "8"))
     assert [step for step, _ in list_checkpoints(out)] == [3, 4, 6]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["task"] for row in metrics["tasks"]] == [0]
     assert not (out / "task_1").exists()
 
-    result = launch(out, "--use_ema", "--resume_from_checkpoint", "latest")
+    result = launch(out, "--use_ema", "--scheduler_shift", "2", "--resume_from_checkpoint", "latest")
     check_ok(result)
     resumed, uninterrupted = run_tensors(out), run_tensors(tiny_run.output_dir)
     assert sorted(resumed) == sorted(uninterrupted)
@@ -223,7 +226,7 @@ def test_resume_after_a_kill_while_a_task_was_written(tiny_run, tmp_path):
     for name in ("task_0", "task_1", "backbone", "funlora.json", "metrics.json"):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    check_ok(launch(out, "--use_ema", "--resume_from_checkpoint", "checkpoint-4"))
+    check_ok(launch(out, "--use_ema", "--scheduler_shift", "2", "--resume_from_checkpoint", "checkpoint-4"))
     resumed, uninterrupted = run_tensors(out), run_tensors(tiny_run.output_dir)
     assert sorted(resumed) == sorted(uninterrupted)
     for key, value in uninterrupted.items():
@@ -273,6 +276,7 @@ def imagefolder(tmp_path_factory):
         (["--select_layers", "top=3"], r"--select_layers: layer selection 'top=3' must be top_k=K .* fraction=F"),
         (["--select_layers", "fraction=1.5"], r"--select_layers: layer selection 'fraction=1.5' must be"),
         (["--importance_probe_steps", "0"], r"--importance_probe_steps=0 must be >= 1"),
+        (["--scheduler_shift", "0"], r"--scheduler_shift must be a number > 0 \(1: no shift\), got 0.0"),
     ],
     ids=[
         "unknown-dataset",
@@ -284,6 +288,7 @@ def imagefolder(tmp_path_factory):
         "select-layers",
         "select-fraction",
         "probe-steps",
+        "scheduler-shift",
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(train_module, tmp_path, argv, message):
