@@ -401,7 +401,6 @@ def test_a_killed_benchmark_takes_its_workers_with_it(tmp_path):
         parent.kill()
 
 
-@pytest.mark.slow
 def test_a_flag_added_later_keeps_the_names_of_earlier_jobs(benchmark):
     # --scheduler_shift came after kept files were named by a digest of their settings: at the value earlier jobs
     # ran with (1, no shift) it leaves the digest as it was; another value is another job.
@@ -415,6 +414,7 @@ def test_a_flag_added_later_keeps_the_names_of_earlier_jobs(benchmark):
     assert not benchmark.same_settings(before, shifted)
 
 
+@pytest.mark.slow
 def test_num_functions_sets_p_of_the_functional_rows(benchmark, tmp_path):
     methods = ["--methods", "funlora-rshift,funlora-linear", "--num_functions", "3"]
     results = benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(tmp_path), *methods]))
