@@ -14,6 +14,7 @@ from funlora_peft import FunLoRAConfig
 from funlora_peft.continual.data import FASHION_MNIST_DIRECTORY, is_idx_directory, load_image_classification_data
 from funlora_peft.continual.tasks import make_task_layout
 from funlora_peft.continual.training import unet_config
+from funlora_peft.flow_matching import check_shift
 
 
 def script_error(script: str, error: Exception) -> SystemExit:
@@ -442,8 +443,7 @@ def evaluator_kwargs(args: argparse.Namespace) -> dict:
 
 def check_evaluation_arguments(args: argparse.Namespace) -> None:
     check_at_least(args, 1, "num_inference_steps", "classifier_epochs", "classifier_steps", "cas_steps_per_class")
-    if not 0 < args.scheduler_shift < float("inf"):
-        raise ValueError(f"--scheduler_shift must be a number > 0 (1: no shift), got {args.scheduler_shift}.")
+    check_shift(args.scheduler_shift, "--scheduler_shift")
     if args.eval_samples_per_class < 2:
         raise ValueError(
             f"--eval_samples_per_class must be >= 2 (the Frechet distance needs a covariance), got "

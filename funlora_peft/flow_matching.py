@@ -343,13 +343,14 @@ def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | flo
         >>> shift_sigma(torch.tensor([1.0, 0.5, 0.1, 0.0]), 3.0)
         tensor([1.0000, 0.7500, 0.2500, 0.0000])
     """
-    _check_shift(shift)
+    check_shift(shift)
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def _check_shift(shift: float) -> None:
+def check_shift(shift: float, name: str = "`shift`") -> None:
+    """Raise a `ValueError` naming `name` unless `shift` is a finite number > 0 (1: no shift)."""
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0 or shift == float("inf"):
-        raise ValueError(f"`shift` must be a number > 0, got {shift!r}.")
+        raise ValueError(f"{name} must be a number > 0 (1: no shift), got {shift!r}.")
 
 
 def shifted_time_grid(
@@ -365,7 +366,7 @@ def shifted_time_grid(
         >>> shifted_time_grid(4, 3.0)
         tensor([0.0000, 0.1000, 0.2500, 0.5000, 1.0000])
     """
-    _check_shift(shift)
+    check_shift(shift)
     grid = uniform_time_grid(num_steps, device=device, dtype=dtype)
     if shift == 1:  # exactly the uniform grid (1 - (1 - t) need not round back to t)
         return grid
