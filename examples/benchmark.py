@@ -54,7 +54,8 @@ covers only the flags it depends on, so the points of a sweep share it), so a lo
 several sittings, and methods or seeds can be added later. A running job keeps its state after each
 finished task in `jobs/partial/` (the model's tensors as safetensors, the rows evaluated so far as JSON) and a job
 stopped part way resumes there, ending with the metrics it would have had without the stop; joint training, one
-task, starts over.
+task, starts over. A job whose loss stops being finite (a learning rate too large) ends there: the other jobs go on,
+the table names it with the rates to lower, it keeps no result, and the command exits with status 1.
 
 Metrics (per run, then mean +- sample std over seeds): final CAS and average incremental CAS (the mean of the CAS
 after each task; `evaluate_stage`), forgetting (`AccuracyMatrix.forgetting` of the per-task recognition accuracy of
@@ -564,6 +565,13 @@ class LoRALearner(Learner):
         return sum(counts) / len(counts)
 
 
+def learning_rate_flags(method: Method, task: int) -> list[str]:
+    """The flags (attribute names) of the learning rates that task `task` of `method` trains with."""
+    own = {"lora": ["lora_learning_rate"], "funlora": ["adapter_learning_rate"]}.get(method.kind, [])
+    backbone = ["learning_rate"] if task == 0 or method.kind in ("joint", "finetune", "replay") else []
+    return backbone + own
+
+
 def make_learner(method: Method, args, config, tasks, seed, device, num_labels: int) -> Learner:
     if method.kind in ("joint", "finetune", "replay"):
         return ClassEmbeddingLearner(args, config, tasks, seed, device, num_labels)
@@ -599,6 +607,7 @@ def train_steps(
         loss = learner.loss(
             batch.x_t.to(device), batch.t.to(device), batch.velocity.to(device), batch.class_labels.to(device)
         )
+        training.check_loss(loss, task, step + 1)  # before its update: nan gradients never reach the optimizer
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -1153,6 +1162,16 @@ def main(args: argparse.Namespace) -> dict:
             flush=True,
         )
 
+    diverged: list[dict] = []
+
+    def record_diverged(key: str, seed: int, error: training.TrainingDiverged) -> None:
+        # The other jobs go on. The job keeps no result (its state after its last finished task stays in
+        # jobs/partial/, so the same command reaches the divergence again at once) and the table names it.
+        method = METHODS[key]
+        message = protocol_args.diverged_message(error, args, learning_rate_flags(method, error.task))
+        diverged.append({"method": key, "name": row_name(method, args), "seed": seed, "message": message})
+        print(f"{row_name(method, args)} seed {seed}: {message}", flush=True)
+
     pending = []
     for key, seed in jobs:
         result = read_kept(output_dir, f"{key}-seed{seed}", settings)
@@ -1163,7 +1182,10 @@ def main(args: argparse.Namespace) -> dict:
     jobs = pending
     if args.num_workers == 0:
         for key, seed in jobs:
-            record(run_job(args, key, seed, classifiers[seed]))
+            try:
+                record(run_job(args, key, seed, classifiers[seed]))
+            except training.TrainingDiverged as error:
+                record_diverged(key, seed, error)
     else:
         import multiprocessing
 
@@ -1177,9 +1199,12 @@ def main(args: argparse.Namespace) -> dict:
             initializer=exit_with_parent,
             initargs=(os.getpid(),),
         ) as pool:
-            futures = [pool.submit(run_job, args, key, seed, classifiers[seed]) for key, seed in jobs]
+            futures = {pool.submit(run_job, args, key, seed, classifiers[seed]): (key, seed) for key, seed in jobs}
             for future in as_completed(futures):
-                record(future.result())
+                try:
+                    record(future.result())
+                except training.TrainingDiverged as error:
+                    record_diverged(*futures[future], error)
 
     # Jobs kept with the same settings by other runs join the table: a benchmark run in pieces (one command per
     # method, one after another or side by side in one folder) reports in one table. Read once this run's jobs are
@@ -1191,6 +1216,8 @@ def main(args: argparse.Namespace) -> dict:
             runs[row_name(method, args)] = []
     for result in others.values():
         runs[result["name"]].append(result)
+    methods = [method for method in methods if runs[row_name(method, args)]]  # every seed diverged: no row
+    notes += [f"Diverged, not in the table: {job['name']} seed {job['seed']}: {job['message']}" for job in diverged]
     methods.sort(key=lambda method: list(METHODS).index(method.key))
     runs = {row_name(method, args): runs[row_name(method, args)] for method in methods}  # in the table's order
     summaries = {}
@@ -1221,6 +1248,7 @@ def main(args: argparse.Namespace) -> dict:
         "wall_seconds": wall_seconds,
         "info": info,
         "notes": notes,
+        "diverged": diverged,
         "summaries": summaries,
         "runs": runs,
     }
@@ -1228,6 +1256,9 @@ def main(args: argparse.Namespace) -> dict:
     print(table)
     written = ", ".join(str(output_dir / name) for name in (RESULTS_MD, RESULTS_JSON, PLOT_FILE))
     print(f"wrote {written} in {wall_seconds:.0f}s")
+    if diverged:
+        names = ", ".join(f"{job['name']} seed {job['seed']}" for job in diverged)
+        raise protocol_args.script_error("benchmark.py", f"{len(diverged)} job(s) diverged ({names}): see above.")
     return results
 
 

@@ -22,6 +22,21 @@ def script_error(script: str, error: Exception) -> SystemExit:
     return SystemExit(f"{script}: error: {error}")
 
 
+def diverged_message(error: Exception, args: argparse.Namespace, flags: list[str], after: str = "") -> str:
+    """What to say of a run whose loss diverged (`funlora_peft.continual.training.TrainingDiverged`): the error and
+    the learning-rate `flags` (attribute names) of what the task trained, with their values. (Clipping the gradients'
+    norm does not bound the steps of Adam, which divides by the gradients' own scale: the rate does.)"""
+    rates = " or ".join(f"--{flag} (now {getattr(args, flag):g})" for flag in flags)
+    return f"{error} Lower {rates}{after}."
+
+
+def diverged_error(
+    script: str, error: Exception, args: argparse.Namespace, flags: list[str], after: str = ""
+) -> SystemExit:
+    """The one-line refusal of a run whose loss diverged (`diverged_message`)."""
+    return script_error(script, diverged_message(error, args, flags, after))
+
+
 def int_list(flag: str, value: str, example: str = "32,64,64") -> list[int]:
     """`"32,64,64"` -> `[32, 64, 64]`; a ValueError naming `flag` otherwise."""
     try:

@@ -610,6 +610,8 @@ def train_task(
             ema.step(params)
         task_step += 1
         global_step += 1
+        # Every process stops at the same step, before a checkpoint keeps weights a diverged step has ruined.
+        training.check_loss(accelerator.gather(loss.detach().reshape(1)), task, task_step)
         loss_value = loss.detach().item()
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")
@@ -836,7 +838,15 @@ def main(args: argparse.Namespace) -> None:
     for task in range(run.start.task, len(run.tasks)):
         if task > 0 and args.select_layers and run.selected is None:
             run.selected = select_layers(args, accelerator, run)
-        global_step, result = train_task(args, accelerator, run, hooks, task, global_step)
+        try:
+            global_step, result = train_task(args, accelerator, run, hooks, task, global_step)
+        except training.TrainingDiverged as error:
+            flags = ["learning_rate", "adapter_learning_rate"] if task == 0 else ["adapter_learning_rate"]
+            after = (
+                " and train again into a new --output_dir (or with --overwrite_output_dir): its checkpoints keep the "
+                "rates they were made with"
+            )
+            raise protocol_args.diverged_error(SCRIPT, error, args, flags, after) from None
         if result is None:  # --interrupt_after_steps
             accelerator.end_training()
             return

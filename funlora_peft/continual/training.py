@@ -8,6 +8,8 @@
 - Step randomness: every optimisation step draws its batch indices, noise x_0 and times t from a generator seeded by
   `(seed, task, step)` alone, so a resumed run replays exactly the steps an uninterrupted one takes
   (`step_generator`, `draw_training_batch`).
+- Divergence: a step whose loss is not finite stops the task (`check_loss`, `TrainingDiverged`) before any later
+  step or checkpoint builds on weights a too-large learning rate has ruined.
 
 The training loop is the caller's: with these pieces any loop trains the protocol and resumes exactly.
 """
@@ -31,7 +33,9 @@ from .data import to_model_range
 
 __all__ = [
     "TrainingBatch",
+    "TrainingDiverged",
     "adapter_parameter_count",
+    "check_loss",
     "draw_training_batch",
     "optimizer_groups",
     "set_trainable",
@@ -270,3 +274,37 @@ def _draw(members: torch.Tensor, count: int, generator: torch.Generator) -> torc
     repeats = math.ceil(count / len(members))
     order = torch.cat([torch.randperm(len(members), generator=generator) for _ in range(repeats)])[:count]
     return members[order]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss of a training step is not finite: the steps were too large for the weights the task trains.
+
+    Attributes:
+        task: the task being trained.
+        step: the task's step that gave the loss (1 for its first step).
+        loss: the loss, nan or +-inf.
+    """
+
+    def __init__(self, task: int, step: int, loss: float) -> None:
+        self.task, self.step, self.loss = task, step, loss
+        trained = f"the backbone and adapter {task_name(0)}" if task == 0 else f"adapter {task_name(task)} only"
+        super().__init__(
+            f"training diverged: the loss of task {task} is {loss} at step {step} of the task, which trains "
+            f"{trained}: its steps were too large for those weights (the learning rate)."
+        )
+
+    def __reduce__(self):  # rebuilt from its fields (a job run in another process reports it)
+        return type(self), (self.task, self.step, self.loss)
+
+
+def check_loss(loss: float | torch.Tensor, task: int, step: int) -> None:
+    """Raise `TrainingDiverged` when `loss` (one step's loss, or that step's loss on every process) is not finite."""
+    values = torch.as_tensor(loss).detach().to("cpu", torch.float64).flatten()
+    bad = values[~torch.isfinite(values)]
+    if bad.numel():
+        raise TrainingDiverged(task, step, bad[0].item())

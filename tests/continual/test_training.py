@@ -1,5 +1,7 @@
 """What each task trains, the protocol's UNet, and the randomness of every training step."""
 
+import pickle
+
 import pytest
 import torch
 from conftest import make_unet
@@ -7,6 +9,8 @@ from diffusers import UNet2DModel
 from peft import get_peft_model
 
 from funlora_peft.continual.training import (
+    TrainingDiverged,
+    check_loss,
     draw_training_batch,
     optimizer_groups,
     set_trainable,
@@ -114,3 +118,19 @@ def test_class_balanced_batches_are_laid_out_for_one_convolution_per_conv():
     assert plan.gather is None and plan.chunk == 4 and plan.class_ids == [4, 7, 2]
     with pytest.raises(ValueError, match=r"batch of each process \(10\) to be a multiple of the 3 classes"):
         draw_training_batch(images, labels, 10, step_generator(0, 1, 0), class_balanced=True)
+
+
+def test_a_loss_that_is_not_finite_stops_training_with_its_task_and_step():
+    check_loss(torch.tensor([0.5, 2.0]), task=1, step=3)  # every process's loss finite: nothing
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(TrainingDiverged) as info:
+            check_loss(torch.tensor([0.5, value]), task=2, step=7)
+        assert (info.value.task, info.value.step) == (2, 7)
+        assert str(info.value.loss) == str(value)
+        assert str(info.value).startswith(f"training diverged: the loss of task 2 is {value} at step 7 of the task")
+        assert "adapter task_2 only" in str(info.value)
+        # a job in a worker process reports it to the parent: it survives pickling with its fields
+        again = pickle.loads(pickle.dumps(info.value))
+        assert (type(again), again.task, again.step, str(again)) == (TrainingDiverged, 2, 7, str(info.value))
+    with pytest.raises(TrainingDiverged, match="which trains the backbone and adapter task_0"):
+        check_loss(float("nan"), task=0, step=1)

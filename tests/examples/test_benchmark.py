@@ -7,6 +7,7 @@ zero forgetting with bit-identical old samples, the equal step budget), not the 
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -470,3 +471,25 @@ def test_published_folders_keep_the_jobs_of_their_tables(benchmark, folder):
     for record in (output_dir / "jobs").glob("classifier-seed*.json"):
         kept = json.loads(record.read_text())
         assert benchmark.sha256_of(record.with_suffix(".safetensors")) == kept["result"]["sha256"]
+
+
+def test_a_diverged_job_is_named_and_the_others_finish(benchmark, tmp_path):
+    """An adapter learning rate far too large: FunLoRA's loss becomes nan in task 0; joint training (which does not
+    use that rate) still finishes and makes the table, the diverged job keeps no result, and the command fails."""
+    methods = ["--methods", "joint,funlora-linear", "--adapter_learning_rate", "1e30"]
+    with pytest.raises(SystemExit) as info:
+        benchmark.main(benchmark.parse_args([*TINY, "--output_dir", str(tmp_path), *methods]))
+    assert str(info.value.code) == "benchmark.py: error: 1 job(s) diverged (FunLoRA linear seed 0): see above."
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["runs"]) == ["joint training (upper bound)"]
+    [job] = results["diverged"]
+    assert (job["method"], job["seed"]) == ("funlora-linear", 0)
+    assert re.fullmatch(
+        r"training diverged: the loss of task 0 is (nan|-?inf) at step \d+ of the task, which trains the backbone and "
+        r"adapter task_0: .* Lower --learning_rate \(now 0\.002\) or --adapter_learning_rate \(now 1e\+30\)\.",
+        job["message"],
+    ), job["message"]
+    table = (tmp_path / "results.md").read_text()
+    assert f"Diverged, not in the table: FunLoRA linear seed 0: {job['message']}" in table
+    assert "| joint training (upper bound) |" in table and "| FunLoRA linear |" not in table
+    assert not list((tmp_path / "jobs").glob("funlora-linear-seed0-*.json"))

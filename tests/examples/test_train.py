@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -552,3 +553,18 @@ def test_pretrained_backbone_starts_from_its_weights_and_a_class_embedding_unet_
     conditional = str(tmp_path / "conditional")
     error = run_main(train_module, "--output_dir", str(out), "--model_config_name_or_path", conditional)
     assert "is a class-embedding UNet" in error and "--model_config_name_or_path" in error and not out.exists()
+
+
+def test_a_diverged_loss_stops_the_run_naming_the_rates_before_a_checkpoint_keeps_it(train_module, tmp_path):
+    out = tmp_path / "out"
+    error = run_main(train_module, "--output_dir", str(out), "--adapter_learning_rate", "1e30")
+    found = re.fullmatch(
+        r"train\.py: error: training diverged: the loss of task 0 is (nan|-?inf) at step (\d+) of the task, which "
+        r"trains the backbone and adapter task_0: .* Lower --learning_rate \(now 0\.002\) or --adapter_learning_rate "
+        r"\(now 1e\+30\) and train again into a new --output_dir \(or with --overwrite_output_dir\): .*\.",
+        error,
+    )
+    assert found, error
+    # No checkpoint holds the diverged step's weights (task 0: its step is the global step).
+    kept = [int(path.name.split("-")[1]) for path in out.glob("checkpoint-*")] if out.exists() else []
+    assert all(step < int(found.group(2)) for step in kept)
