@@ -610,9 +610,11 @@ def train_task(
             ema.step(params)
         task_step += 1
         global_step += 1
-        # Every process stops at the same step, before a checkpoint keeps weights a diverged step has ruined.
-        training.check_loss(accelerator.gather(loss.detach().reshape(1)), task, task_step)
-        loss_value = loss.detach().item()
+        # Every process stops at the same step, before a checkpoint keeps weights a diverged step has ruined; one
+        # transfer to the host per step, as before, carries every process's loss.
+        losses = accelerator.gather(loss.detach().reshape(1)).cpu()
+        training.check_loss(losses, task, task_step)
+        loss_value = losses[accelerator.process_index].item()
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")
         accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[-1], "task": task}, step=global_step)
