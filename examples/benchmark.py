@@ -843,20 +843,12 @@ def job_settings(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_JOB_SETTINGS}))
 
 
-# The flags a seed's real-data classifier and its accuracy depend on: the data, the classes the layout covers and the
-# classifier's own training. A sweep of the generators' settings reuses the seed's classifier, so that every point is
-# evaluated by the same one (and none waits for a new one).
+# The flags a seed's real-data classifier and its accuracy depend on: the data and the classes the layout covers (every
+# data flag but the cache folder) and the classifier's own training. A sweep of the generators' settings reuses the
+# seed's classifier, so that every point is evaluated by the same one (and none waits for a new one).
 CLASSIFIER_SETTINGS = (
-    "dataset_name",
-    "image_column",
-    "label_column",
-    "resolution",
-    "classes_per_task",
-    "first_task_classes",
-    "class_order",
-    "classifier_epochs",
-    "classifier_steps",
-    "classifier_augment",
+    *(flag for flag in protocol_args.data_flags() if flag != "cache_dir"),
+    *protocol_args.CLASSIFIER_FLAGS,
 )
 
 

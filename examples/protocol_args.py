@@ -123,6 +123,10 @@ RECIPES = {
     },
 }
 
+# What each recipe's dataset holds, for a script that stands in for it (examples/protocol_speed.py times a recipe on
+# random images of its shape): the number of classes (with `classes_per_task`, the number of tasks) and of channels.
+RECIPE_DATASETS = {"fashion-mnist": {"classes": 10, "channels": 1}, "cifar100": {"classes": 100, "channels": 3}}
+
 
 def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -203,6 +207,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, resolution: int | Non
         help="Order in which classes arrive: 'sorted' (default), 'shuffle' (seeded by --seed) or a comma-separated "
         "list of class ids such as '3,1,2,0' (classes not listed are left out).",
     )
+
+
+def data_flags() -> tuple[str, ...]:
+    """The flags `add_data_arguments` adds, by their destinations (what the data and the task layout depend on)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_data_arguments(parser, resolution=None)
+    return tuple(action.dest for action in parser._actions)
 
 
 def load_protocol(args: argparse.Namespace, layout_seed: int) -> tuple[object, list[list[int]]]:
@@ -443,6 +454,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, *, eval_samples_pe
         default=True,
         help="Random shifts when training the real-data and CAS classifiers.",
     )
+
+
+# The evaluation flags a real-data classifier's training depends on (the others set the generated samples and CAS).
+CLASSIFIER_FLAGS = ("classifier_epochs", "classifier_steps", "classifier_augment")
 
 
 def evaluator_kwargs(args: argparse.Namespace) -> dict:

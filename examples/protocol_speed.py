@@ -30,9 +30,6 @@ import protocol_args
 import torch
 from PIL import Image
 
-# Classes (for the number of tasks of the projection) and channels of each recipe's dataset.
-DATASETS = {"cifar100": (100, 3), "fashion-mnist": (10, 1)}
-
 
 def write_random_imagefolder(
     directory: Path, classes: int, images_per_class: int, resolution: int, channels: int
@@ -102,7 +99,7 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     argv += ["--output_dir", str(run_dir), "--overwrite_output_dir", *train_flags]
     train_args = train.parse_args(argv)
     if not data.is_dir():  # two tasks: the classes of task 0 and of task 1, as the flags set them
-        channels = DATASETS[args.recipe][1]
+        channels = protocol_args.RECIPE_DATASETS[args.recipe]["channels"]
         classes = 2 * train_args.classes_per_task
         write_random_imagefolder(data, classes, args.images_per_class, train_args.resolution, channels)
     train.main(train_args)
@@ -110,7 +107,7 @@ def main(args: argparse.Namespace, train_flags: list[str]) -> dict:
     times = logged_step_times(run_dir / train_args.logging_dir)
     task0 = steps_per_second(times, args.warmup_steps, per_task)
     task1 = steps_per_second(times, per_task + args.warmup_steps, 2 * per_task)
-    num_tasks = DATASETS[args.recipe][0] // recipe["classes_per_task"]
+    num_tasks = protocol_args.RECIPE_DATASETS[args.recipe]["classes"] // recipe["classes_per_task"]
     hours = (recipe["first_task_steps"] / task0 + (num_tasks - 1) * recipe["task_steps"] / task1) / 3600
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     result = {

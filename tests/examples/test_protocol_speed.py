@@ -31,6 +31,14 @@ def test_steps_per_second_come_from_the_logged_wall_times(speed_module, tmp_path
         speed_module.steps_per_second(times, 4, 9)
 
 
+def test_every_recipe_says_what_its_dataset_holds(speed_module):
+    protocol_args = load_example("protocol_args")
+    assert set(protocol_args.RECIPE_DATASETS) == set(protocol_args.RECIPES)
+    for name, dataset in protocol_args.RECIPE_DATASETS.items():
+        assert dataset["classes"] % protocol_args.RECIPES[name]["classes_per_task"] == 0  # whole tasks
+        assert dataset["channels"] in (1, 3)
+
+
 @pytest.mark.slow
 def test_cifar100_recipe_speed_on_a_tiny_unet_projects_the_recipe_budget(speed_module, tmp_path):
     args, train_flags = speed_module.parse_args(
