@@ -67,6 +67,7 @@ from funlora_peft.continual.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    thread_count_note,
 )
 from funlora_peft.continual.evaluation import ContinualEvaluator, ContinualMetrics
 from funlora_peft.continual.importance import (
@@ -630,6 +631,7 @@ def train_task(
                     train_seconds=train_seconds + time.perf_counter() - started,
                     run_key=run.key,
                     ema_optimization_step=ema.optimization_step if ema is not None else None,
+                    cpu_threads=torch.get_num_threads() if accelerator.device.type == "cpu" else None,
                 )
                 path = save_checkpoint(hooks, output_dir, state, args.checkpoints_total_limit)
                 logger.info(f"Saved {path}")
@@ -813,6 +815,9 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"Task layout: {run.tasks}; {accelerator.num_processes} process(es) on {accelerator.device}.")
     if run.checkpoint is not None:
         logger.info(f"Resuming from {run.checkpoint}: task {run.start.task}, step {run.start.task_step}.")
+        note = thread_count_note(run.start, accelerator.device.type, torch.get_num_threads())
+        if note is not None:
+            logger.warning(f"Resuming from {run.checkpoint}: {note}")
 
     evaluator = None
     if accelerator.is_main_process:

@@ -38,6 +38,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "thread_count_note",
 ]
 
 STATE_FILE = "training_state.json"
@@ -69,6 +70,8 @@ class TrainingState:
         train_seconds: training time of the current task so far.
         run_key: the settings that determine the training trajectory; a checkpoint resumes only a run with equal ones.
         ema_optimization_step: the EMA's step counter (None without EMA).
+        cpu_threads: torch's CPU thread count when the run trained on the CPU (None on an accelerator, and in
+            checkpoints written before it was recorded); see `thread_count_note`.
         files: sha256 of every other file of the checkpoint.
     """
 
@@ -78,6 +81,7 @@ class TrainingState:
     train_seconds: float = 0.0
     run_key: dict = field(default_factory=dict)
     ema_optimization_step: int | None = None
+    cpu_threads: int | None = None
     files: dict[str, str] = field(default_factory=dict)
     format_version: int = STATE_FORMAT_VERSION
 
@@ -200,6 +204,22 @@ def read_checkpoint(path: str | os.PathLike, run_key: dict, required_files: Sequ
                 "modified); resume from another checkpoint."
             )
     return state
+
+
+def thread_count_note(state: TrainingState, device_type: str, cpu_threads: int) -> str | None:
+    """Why a resumed run will not be bit-identical to an uninterrupted one, if it trains with another CPU thread count.
+
+    On the CPU, torch splits its float sums over its threads, so a different count rounds them differently: the run
+    goes on from the checkpoint exactly, but its later steps differ in the last bits from the steps the interrupted
+    run would have taken. Returns None when the counts agree, on an accelerator, or when the checkpoint recorded none.
+    """
+    if device_type != "cpu" or state.cpu_threads is None or state.cpu_threads == cpu_threads:
+        return None
+    return (
+        f"the checkpoint's run trained with {state.cpu_threads} CPU thread(s) and this one has {cpu_threads}: it "
+        "continues from the checkpoint, but float sums round differently with another count, so its weights will "
+        f"not be bit-identical to an uninterrupted run's. Pass --num_threads {state.cpu_threads} for that."
+    )
 
 
 def check_checkpoint_tensors(

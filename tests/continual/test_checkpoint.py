@@ -12,6 +12,7 @@ from funlora_peft.continual.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    thread_count_note,
 )
 
 
@@ -61,3 +62,18 @@ def test_checkpoints_are_atomic_and_checked(tmp_path):
         )
     assert [step for step, _ in list_checkpoints(tmp_path)] == [9, 12]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_resume_with_another_cpu_thread_count_is_named(tmp_path):
+    save_checkpoint(FakeCheckpointer(), tmp_path, TrainingState(task=0, task_step=3, global_step=3, cpu_threads=4))
+    state = read_checkpoint(tmp_path / "checkpoint-3", {})
+    assert state.cpu_threads == 4
+    note = thread_count_note(state, "cpu", 2)
+    assert "trained with 4 CPU thread(s) and this one has 2" in note and "--num_threads 4" in note
+    assert thread_count_note(state, "cpu", 4) is None
+    assert thread_count_note(state, "cuda", 2) is None  # the CPU's thread count does not decide a GPU's sums
+    # A checkpoint written before the count was recorded reads as None and is not warned about.
+    state_file = tmp_path / "checkpoint-3" / "training_state.json"
+    state_file.write_text(state_file.read_text().replace('"cpu_threads": 4,', ""))
+    old = read_checkpoint(tmp_path / "checkpoint-3", {})
+    assert old.cpu_threads is None and thread_count_note(old, "cpu", 2) is None
