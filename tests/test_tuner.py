@@ -246,6 +246,16 @@ def test_merge_unmerge_restores_weights_and_disable_gives_base(unet_name, functi
             assert torch.equal(model(x_t, t, class_labels=0).sample, expected)
 
 
+def test_merge_and_unload_while_another_class_is_merged_starts_from_w0(unet_name):
+    model = two_task_model(unet_name, "rshift").double()
+    x_t, t = inputs64(model.base_model.model, batch_size=2)
+    with torch.no_grad():
+        routed = model(x_t, t, class_labels=2).sample
+        model.base_model.merge_adapter(class_label=0)  # W_0 of class 0 in the convs: class 2 is built from W0
+        unet = model.base_model.merge_and_unload(class_label=2)
+        torch.testing.assert_close(unet(x_t, t).sample, routed, rtol=0, atol=1e-10)
+
+
 def test_unload_returns_untouched_base(unet_name):
     model = two_task_model(unet_name, "cos")
     x_t, t = make_inputs(model.base_model.model, batch_size=2)

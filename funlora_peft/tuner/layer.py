@@ -329,7 +329,7 @@ class FunLoRALayer(BaseTunerLayer):
         """W_y - W0 = W0 * F_y for one class of `adapter_name`, in the dtype of W0."""
         row = self.funlora_class_ids[adapter_name].index(int(class_label))
         rows = torch.tensor([row], device=self.funlora_a[adapter_name].device)
-        weight = self.get_base_layer().weight
+        weight = self.unmerged_weight()
         delta = self.functional_matrix(adapter_name, rows)[0]
         acc = torch.promote_types(weight.dtype, torch.float32)
         return (weight.to(acc) * delta[:, :, None, None].to(acc)).to(weight.dtype)
@@ -363,15 +363,22 @@ class FunLoRALayer(BaseTunerLayer):
             raise ValueError(f"Merging class {class_label} of adapter {owner!r} gives non-finite weights.")
         self._write_merged(owner, class_label, merged)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """W0: the conv's weight, or, while a class is merged into it, the W0 kept aside to restore."""
+        if self._weight_before_merge is not None:
+            return self._weight_before_merge
+        return self.get_base_layer().weight.detach()
+
     def merged_weight(self, adapter_name: str, class_label: int) -> torch.Tensor | None:
         """W_y of `class_label`, as the conv would hold it merged; None when `adapter_name` does not adapt this conv.
 
-        Computed in at least fp32 and cast to the weight's dtype. A weight stored in a dtype of fewer than 16 bits
-        (diffusers' layerwise casting to float8) is refused: the merged weight would be quantized to it.
+        Built from W0 even while another class is merged. Computed in at least fp32 and cast to the weight's dtype. A
+        weight stored in a dtype of fewer than 16 bits (diffusers' layerwise casting to float8) is refused: the
+        merged weight would be quantized to it.
         """
         if adapter_name not in self.funlora_a:
             return None
-        weight = self.get_base_layer().weight
+        weight = self.unmerged_weight()
         if weight.dtype.is_floating_point and torch.finfo(weight.dtype).bits < 16:
             raise ValueError(
                 f"This conv stores its weight as {weight.dtype} (layerwise casting): a merged W_y would be quantized "
