@@ -52,7 +52,14 @@ from torch import nn
 from .continual.evaluation import ContinualMetrics
 from .continual.importance import ImportanceRecord
 from .tuner.config import FunLoRAConfig
-from .tuner.model import FunLoRAModel, _router_of, adapter_parameters, load_adapter_tensors
+from .tuner.layer import FunLoRALayer
+from .tuner.model import (
+    FunLoRAModel,
+    _router_of,
+    adapter_parameters,
+    load_adapter_tensors,
+    requires_grad_restored_on_failure,
+)
 
 FORMAT_VERSION = 2  # 2: every file of the backbone, the tasks and the scheduler is hashed (1: the weights only)
 READABLE_FORMATS = (1, 2)
@@ -395,30 +402,39 @@ def attach_tasks(
     """Wrap `unet` in a PeftModel holding the adapters of `tasks` (all when None), each checked before it is attached.
 
     Every adapter file is verified (sha256), its tensors checked against the UNet's convs (names, shapes, floating
-    dtype, finite values) before any is attached; on any failure the UNet is left as it was.
+    dtype, finite values) before any is attached; on any failure the UNet is left as it was. `unet` is a plain UNet:
+    one that holds FunLoRA adapters already is refused (load more tasks into its model with `load_adapter`).
     """
     folder = Path(folder)
+    held = sorted({name for module in unet.modules() if isinstance(module, FunLoRALayer) for name in module.funlora_a})
+    if held:
+        raise ValueError(
+            f"`unet` holds FunLoRA adapters already ({held}): attach_tasks wraps a plain UNet2DModel. Pass the run's "
+            "backbone (load_backbone(folder)), or load the tasks into the existing model with "
+            "model.load_adapter(folder / task_name, adapter_name=task_name)."
+        )
     index = index or read_index(folder)
     entries = select_tasks(index, tasks)
     if not entries:
         raise ValueError("`tasks` is empty: name at least one task to load.")
     loaded = [(task, *read_adapter(folder, task, index)) for task in entries]
     model = None
-    try:
-        for task, config, tensors in loaded:
-            config.inference_mode = True
-            if model is None:
-                model = get_peft_model(unet, config, adapter_name=task.name)
-            else:
-                model.add_adapter(task.name, config)
-            try:
-                load_adapter_tensors(model, task.name, tensors)
-            except ValueError as error:
-                raise ValueError(f"{folder / task.name / ADAPTER_WEIGHTS}: {error}") from None
-    except Exception:
-        if model is not None:
-            model.base_model.unload()
-        raise
+    with requires_grad_restored_on_failure(unet):  # wrapping froze the UNet's parameters
+        try:
+            for task, config, tensors in loaded:
+                config.inference_mode = True
+                if model is None:
+                    model = get_peft_model(unet, config, adapter_name=task.name)
+                else:
+                    model.add_adapter(task.name, config)
+                try:
+                    load_adapter_tensors(model, task.name, tensors)
+                except ValueError as error:
+                    raise ValueError(f"{folder / task.name / ADAPTER_WEIGHTS}: {error}") from None
+        except Exception:
+            if model is not None:
+                model.base_model.unload()
+            raise
     model.eval()
     return model
 

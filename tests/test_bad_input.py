@@ -23,9 +23,10 @@ import torch
 from conftest import TINY_TRAIN_ARGS, load_example, load_pipeline, make_inputs, make_unet
 from diffusers import DDPMScheduler
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from funlora_peft import FunLoRAConfig, FunLoRALayer, FunLoRAPipeline, cli
-from funlora_peft.run_folder import INDEX_FILE, read_index, write_index
+from funlora_peft.run_folder import INDEX_FILE, attach_tasks, read_index, write_index
 
 
 @dataclass
@@ -43,16 +44,18 @@ def model_snapshot(model: torch.nn.Module) -> tuple:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     modules = [(name, type(m).__name__) for name, m in model.named_modules()]
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    return state, modules, hooks
+    trainable = [(name, param.requires_grad) for name, param in model.named_parameters()]
+    return state, modules, hooks, trainable
 
 
 def same_model(before: tuple, after: tuple) -> bool:
-    (state_a, modules_a, hooks_a), (state_b, modules_b, hooks_b) = before, after
+    (state_a, modules_a, hooks_a, trainable_a), (state_b, modules_b, hooks_b, trainable_b) = before, after
     return (
         state_a.keys() == state_b.keys()
         and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
         and modules_a == modules_b
         and hooks_a == hooks_b
+        and trainable_a == trainable_b
     )
 
 
@@ -505,6 +508,34 @@ RUN_FOLDER_CASES = [
         ValueError,
         r"task_1/adapter_model.safetensors cannot be read as safetensors",
         "folder",
+    ),  # fmt: skip
+]
+
+
+def attach_with_a_nan_tensor(env) -> None:
+    path = env.folder / "task_1" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path)
+    rehash(env.folder)
+    attach_tasks(env.unet, env.folder)  # the UNet trains (requires_grad): wrapping it froze it until the refusal
+
+
+RUN_FOLDER_CASES += [
+    Case(
+        "attach-nan-tensor",
+        attach_with_a_nan_tensor,
+        ValueError,
+        r"task_1/adapter_model.safetensors: .*(finite|nan)",
+        "unet",
+    ),  # fmt: skip
+    Case(
+        "attach-into-an-adapted-unet",
+        lambda env: attach_tasks(env.small.base_model.model, env.folder),
+        ValueError,
+        r"`unet` holds FunLoRA adapters already \(\['other'\]\).*load_backbone",
+        "small",
     ),  # fmt: skip
 ]
 

@@ -662,6 +662,22 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[s
             targets[_checkpoint_key(key, adapter_name)].copy_(tensor)
 
 
+@contextlib.contextmanager
+def requires_grad_restored_on_failure(model: nn.Module):
+    """On an exception, give every parameter of `model` back the `requires_grad` it had on entry.
+
+    Wrapping a model in a PeftModel freezes its own parameters; a load that then fails and unwraps it must not leave
+    a model that trained before frozen.
+    """
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
+
+
 def _discard_adapter(peft_model: nn.Module, adapter_name: str) -> None:
     """Remove `adapter_name` after a failed load; unwrap the model entirely when it was the only adapter."""
     tuner = getattr(peft_model, "base_model", None)
@@ -808,9 +824,13 @@ def _guard_from_pretrained(from_pretrained):
 
     @functools.wraps(function)
     def guarded(cls, *args, **kwargs):
+        model = args[0] if args else kwargs.get("model")
         token = _FROM_PRETRAINED.set(True)
         try:
-            return function(cls, *args, **kwargs)
+            if not isinstance(model, nn.Module):
+                return function(cls, *args, **kwargs)
+            with requires_grad_restored_on_failure(model):
+                return function(cls, *args, **kwargs)
         finally:
             _FROM_PRETRAINED.reset(token)
 
