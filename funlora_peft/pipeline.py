@@ -26,11 +26,18 @@ from PIL import Image
 
 from .continual.evaluation import generate_per_class
 from .flow_matching import scheduler_timestep_to_model_timestep, velocity_to_scheduler
-from .run_folder import RunIndex, attach_tasks, load_backbone, load_scheduler, read_index, save_run
+from .run_folder import (
+    RunIndex,
+    attach_tasks,
+    check_scheduler,
+    load_backbone,
+    load_scheduler,
+    read_index,
+    save_run,
+)
 from .tuner.layer import as_class_id, as_class_labels
 from .tuner.model import FunLoRAModel, _router_of
 
-_SCHEDULERS = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
 _HUB_KWARGS = ("token", "cache_dir", "local_files_only")
 
 
@@ -61,11 +68,7 @@ class FunLoRAPipeline(DiffusionPipeline):
 
     def __init__(self, unet: UNet2DModel, scheduler: FlowMatchEulerDiscreteScheduler, id2label: dict | None = None):
         super().__init__()
-        if not isinstance(scheduler, _SCHEDULERS):
-            raise TypeError(
-                f"FunLoRAPipeline samples with FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler "
-                f"(flow matching), got {type(scheduler).__name__}."
-            )
+        check_scheduler(scheduler)
         self.register_modules(unet=unet, scheduler=scheduler)
         self.peft_model = None
         self.index: RunIndex | None = None

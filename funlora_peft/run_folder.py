@@ -42,8 +42,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import UNet2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DModel
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -68,6 +69,8 @@ BACKBONE_SUBFOLDER = "backbone"
 BACKBONE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 BACKBONE_CONFIG = "config.json"
 SCHEDULER_SUBFOLDER = "scheduler"
+# The schedulers a run samples with (flow matching); `scheduler/` holds the config of one of them.
+SCHEDULER_CLASSES = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METRICS_FILE = "metrics.json"
@@ -224,10 +227,28 @@ class RunIndex:
         return json.dumps(data, indent=2) + "\n"
 
 
+def _check_class_names(class_names) -> None:
+    """`class_names` is None or `{class id: name}` with non-negative int ids and str names (what the index holds)."""
+    if class_names is None:
+        return
+    if not isinstance(class_names, dict):
+        raise TypeError(f"`class_names` must be a dict {{class id: name}}, got {type(class_names).__name__}.")
+    bad = [
+        (k, v)
+        for k, v in class_names.items()
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 or not isinstance(v, str)
+    ]
+    if bad:
+        raise TypeError(
+            f"`class_names` maps non-negative integer class ids to str names, got {bad[:3]}; e.g. {{0: 'T-shirt'}}."
+        )
+
+
 def write_index(folder: str | os.PathLike, tasks: list[TaskEntry], class_names: dict[int, str] | None = None) -> Path:
     """Write `funlora.json` for `folder`, hashing the backbone's and every task's safetensors files, atomically."""
+    _check_class_names(class_names)
     folder = Path(folder)
-    index = RunIndex(tasks=list(tasks), class_names=dict(class_names or {}))
+    index = RunIndex(tasks=list(tasks), class_names={int(k): v for k, v in (class_names or {}).items()})
     _check_unique_classes(index, source=str(folder / INDEX_FILE))
     subfolders = [BACKBONE_SUBFOLDER, SCHEDULER_SUBFOLDER] + [task.name for task in tasks]
     for sub in subfolders:
@@ -354,10 +375,18 @@ def load_backbone(folder: str | os.PathLike, index: RunIndex | None = None, torc
         raise ValueError(f"{folder / index.backbone} is no loadable UNet2DModel ({error}).") from None
 
 
+def check_scheduler(scheduler, argument: str = "scheduler") -> None:
+    """Refuse a scheduler `FunLoRAPipeline` cannot sample with (it integrates the flow-matching ODE)."""
+    if not isinstance(scheduler, SCHEDULER_CLASSES):
+        names = " or ".join(cls.__name__ for cls in SCHEDULER_CLASSES)
+        raise TypeError(
+            f"`{argument}` must be a flow-matching scheduler, {names}, got {type(scheduler).__name__}: FunLoRA's "
+            "models predict a velocity. Pass e.g. FlowMatchEulerDiscreteScheduler()."
+        )
+
+
 def load_scheduler(folder: str | os.PathLike, index: RunIndex | None = None):
     """The run's flow-matching scheduler (`scheduler/`, written by `FunLoRAPipeline.save_pretrained`), or None."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-
     folder = Path(folder)
     index = index or read_index(folder)
     relpath = f"{SCHEDULER_SUBFOLDER}/scheduler_config.json"
@@ -365,7 +394,7 @@ def load_scheduler(folder: str | os.PathLike, index: RunIndex | None = None):
         return None
     verify_file(folder, relpath, index)
     config = read_json(folder / relpath)
-    kinds = {cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
+    kinds = {cls.__name__: cls for cls in SCHEDULER_CLASSES}
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind not in kinds:
         raise ValueError(f"{folder / relpath}: scheduler {kind!r} is none of the flow-matching ones {sorted(kinds)}.")
@@ -597,6 +626,13 @@ def save_run(
             f"adapter_names {names} leaves out {missing}, whose folders {folder} lacks: the index lists every adapter "
             "of the model. Save them too (adapter_names=None saves all)."
         )
+    _check_class_names(class_names)
+    records = ((metrics, ContinualMetrics, "metrics"), (importance, ImportanceRecord, "importance"))
+    for value, kind, argument in records:
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"save_run: `{argument}` must be a {kind.__name__} or None, got {type(value).__name__}.")
+    if scheduler is not None:
+        check_scheduler(scheduler)
     if class_names is None and (folder / INDEX_FILE).is_file():
         class_names = read_index(folder).class_names
     folder.mkdir(parents=True, exist_ok=True)

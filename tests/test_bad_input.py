@@ -26,7 +26,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from funlora_peft import FunLoRAConfig, FunLoRALayer, FunLoRAPipeline, cli
-from funlora_peft.run_folder import INDEX_FILE, attach_tasks, read_index, write_index
+from funlora_peft.run_folder import INDEX_FILE, attach_tasks, read_index, save_run, write_index
 
 
 @dataclass
@@ -522,7 +522,48 @@ def attach_with_a_nan_tensor(env) -> None:
     attach_tasks(env.unet, env.folder)  # the UNet trains (requires_grad): wrapping it froze it until the refusal
 
 
+def save_changed_run(**kwargs) -> Callable:
+    """save_run of the folder's model with task_1 changed (a rewrite would show in the files), and `kwargs`."""
+
+    def act(env) -> None:
+        with torch.no_grad():
+            for name, param in env.pipe.unet.named_parameters():
+                if ".funlora_alpha.task_1" in name:
+                    param.add_(1.0)
+        save_run(env.pipe.unet, env.folder, **kwargs)
+
+    return act
+
+
 RUN_FOLDER_CASES += [
+    Case(
+        "save-run-scheduler",
+        save_changed_run(scheduler="euler"),
+        TypeError,
+        r"`scheduler` must be a flow-matching scheduler.* got str",
+        "folder",
+    ),  # fmt: skip
+    Case(
+        "save-run-ddpm-scheduler",
+        save_changed_run(scheduler=DDPMScheduler()),
+        TypeError,
+        r"`scheduler` must be a flow-matching scheduler.* got DDPMScheduler",
+        "folder",
+    ),  # fmt: skip
+    Case(
+        "save-run-metrics",
+        save_changed_run(metrics={"cas": 0.9}),
+        TypeError,
+        r"`metrics` must be a ContinualMetrics or None, got dict",
+        "folder",
+    ),  # fmt: skip
+    Case(
+        "save-run-class-names",
+        save_changed_run(class_names={"zero": "T-shirt"}),
+        TypeError,
+        r"`class_names` maps non-negative integer class ids to str names, got \[\('zero', 'T-shirt'\)\]",
+        "folder",
+    ),  # fmt: skip
     Case(
         "attach-nan-tensor",
         attach_with_a_nan_tensor,
