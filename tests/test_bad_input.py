@@ -228,6 +228,12 @@ def poisoned_merge(method: str) -> Callable:
 
 
 MERGE_CASES = [
+    Case(
+        "set-unknown-adapter",
+        lambda env: env.model.base_model.set_adapter(["task_0", "nope"]),
+        ValueError,
+        r"set_adapter: \['nope'\] are not adapters of this model; it has \['task_0', 'task_1'\]",
+    ),  # fmt: skip
     Case("merge-float-class", lambda env: env.model.merge_and_unload(class_label=2.5), TypeError, r"`class_label`"),
     Case("merge-bool-class", lambda env: env.model.merge_and_unload(class_label=True), TypeError, r"`class_label`"),
     Case(

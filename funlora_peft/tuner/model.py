@@ -461,6 +461,20 @@ class FunLoRAModel(BaseTuner):
                     )
         return weights
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` (one name or a list) the active adapter(s): only their tensors require grad.
+
+        An unknown name is refused before anything changes (PEFT's tuner would activate it and freeze every adapter).
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        known = self._all_configs()
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"`adapter_name` must be an adapter name or a list of them, got {adapter_name!r}.")
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"set_adapter: {unknown} are not adapters of this model; it has {list(known)}.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False, class_label: int | None = None) -> None:
         """Write W_y of `class_label` into every adapted conv (a batch of that class then runs at plain-UNet cost).
 
