@@ -232,6 +232,14 @@ class FunLoRAPipeline(DiffusionPipeline):
                 "the pipeline from a UNet that carries FunLoRA adapters."
             )
         labels = self._check_labels(class_labels)
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or (
+            isinstance(generator, list) and None in generator
+        ):
+            raise TypeError(
+                f"`generator` must be None, a torch.Generator or a list of one per sample, got {generator!r}; e.g. "
+                "generator=torch.manual_seed(0)."
+            )
         if isinstance(generator, list) and len(generator) != len(labels):
             raise ValueError(
                 f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
@@ -250,7 +258,9 @@ class FunLoRAPipeline(DiffusionPipeline):
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
             self.scheduler.set_timesteps(sigmas=sigmas, device=self._execution_device)
         tuner = self.tuner
-        merged = merge_single_class and len(set(labels)) == 1 and self._can_merge()
+        # A class the caller merged stays merged: the call merges (and unmerges) only when no class is merged yet.
+        merged_before = any(layer.merged for layer in tuner._funlora_layers())
+        merged = merge_single_class and len(set(labels)) == 1 and not merged_before and self._can_merge()
         if merged:
             tuner.merge_adapter(class_label=labels[0])
         try:

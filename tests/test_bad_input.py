@@ -386,6 +386,14 @@ PIPELINE_CASES = [
         "pipe",
     ),  # fmt: skip
     Case("pipe-output-type", pipe_call(output_type="jpg"), ValueError, r"`output_type` must be", "pipe"),
+    Case("pipe-generator-int", pipe_call(generator=42), TypeError, r"`generator` must be None.*got 42", "pipe"),
+    Case(
+        "pipe-generator-list-of-int",
+        pipe_call(generator=[torch.Generator(), 1]),
+        TypeError,
+        r"`generator` must be None, a torch.Generator or a list",
+        "pipe",
+    ),  # fmt: skip
     Case(
         "pipe-scheduler",
         lambda env: FunLoRAPipeline(env.pipe.unet, DDPMScheduler()),

@@ -74,6 +74,17 @@ def test_single_class_batch_is_merged_and_equals_routed(run_folder):
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in weights.items())
 
 
+def test_a_class_merged_by_the_caller_stays_merged(run_folder):
+    pipe = load_pipeline(run_folder)
+    kwargs = dict(class_labels=[3, 3], num_inference_steps=3, output_type="pt")
+    expected = pipe(**kwargs, generator=torch.manual_seed(1)).images
+    pipe.tuner.merge_adapter(class_label=3)
+    merged = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "funlora_" not in k}
+    torch.testing.assert_close(pipe(**kwargs, generator=torch.manual_seed(1)).images, expected, rtol=0, atol=0)
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in merged.items())  # still class 3's weights
+    assert {layer._merged_class for layer in pipe.tuner._funlora_layers()} == {3}
+
+
 def test_loading_some_tasks_only(run_folder):
     full = load_pipeline(run_folder)
     part = load_pipeline(run_folder, tasks=["task_0", "task_2"])
