@@ -118,6 +118,36 @@ CONFIG_CASES = [
     Case("config-class-ids-negative", lambda env: FunLoRAConfig(class_ids=[-1]), ValueError, r"non-negative ints"),
     Case("config-class-ids-int", lambda env: FunLoRAConfig(class_ids=3), TypeError, r"`class_ids` must be a list"),
     Case("config-function", lambda env: FunLoRAConfig(class_ids=[0], function="sine"), ValueError, r"'sine'.*cos"),
+    Case(
+        "config-function-list",
+        lambda env: FunLoRAConfig(class_ids=[0], function=["cos"]),
+        TypeError,
+        r"`function` must be a name.*\['cos'\]",
+    ),  # fmt: skip
+    Case(
+        "config-class-id-beyond-int64",
+        lambda env: FunLoRAConfig(class_ids=[2**63]),
+        ValueError,
+        r"int64 labels, at most 9223372036854775807\), got \[9223372036854775808\]",
+    ),  # fmt: skip
+    Case(
+        "config-init-seed-huge",
+        lambda env: FunLoRAConfig(class_ids=[0], init_seed=2**62),
+        ValueError,
+        r"`init_seed` must be between 0 and \d+ .* got 4611686018427387904",
+    ),  # fmt: skip
+    Case(
+        "config-target-modules-int",
+        lambda env: FunLoRAConfig(class_ids=[0], target_modules=5),
+        TypeError,
+        r"`target_modules` must be None, a regex string or a list of module names, got 5",
+    ),  # fmt: skip
+    Case(
+        "config-exclude-modules-int",
+        lambda env: FunLoRAConfig(class_ids=[0], exclude_modules=5),
+        TypeError,
+        r"`exclude_modules` must be None, a regex string or a list of module names, got 5",
+    ),  # fmt: skip
     Case("config-p-zero", lambda env: FunLoRAConfig(class_ids=[0], num_functions=0), ValueError, r"num_functions"),
     Case("config-p-float", lambda env: FunLoRAConfig(class_ids=[0], num_functions=2.5), TypeError, r"num_functions"),
     Case(
@@ -147,6 +177,19 @@ CONFIG_CASES = [
 # Injection: nothing is wrapped unless everything checks out
 
 INJECTION_CASES = [
+    Case(
+        "add-adapter-dotted-name",
+        lambda env: env.model.add_adapter("task.2", FunLoRAConfig(class_ids=[9])),
+        ValueError,
+        r"adapter_name='task.2' cannot name a FunLoRA adapter.*without '\.'",
+    ),  # fmt: skip
+    Case(
+        "inject-dotted-name",
+        lambda env: get_peft_model(env.unet, FunLoRAConfig(class_ids=[9]), "task.2"),
+        ValueError,
+        r"adapter_name='task.2' cannot name a FunLoRA adapter",
+        "unet",
+    ),  # fmt: skip
     Case(
         "inject-unknown-target",
         lambda env: get_peft_model(env.unet, FunLoRAConfig(class_ids=[0], target_modules=["nope"])),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -28,6 +29,16 @@ class _PeftTypeName(str):
 
 
 PEFT_TYPE = _PeftTypeName("FUNLORA")
+
+# A class id is an int64 label; `init_seed` is spread over the layers (`layer_seed`) within torch's 64-bit seeds.
+MAX_CLASS_ID = 2**63 - 1
+_SEED_STRIDE = 1_000_003
+MAX_INIT_SEED = (2**64 - 2**32) // _SEED_STRIDE - 1
+
+
+def layer_seed(init_seed: int, layer_key: str) -> int:
+    """The seed of one conv's initial factors: per layer, so that convs of equal shape do not start alike."""
+    return init_seed * _SEED_STRIDE + zlib.crc32(layer_key.encode())
 
 
 @dataclass
@@ -118,10 +129,11 @@ class FunLoRAConfig(PeftConfig):
         class_ids = list(self.class_ids)
         if not class_ids:
             raise ValueError("`class_ids` is empty: an adapter must own at least one class, e.g. class_ids=[0].")
-        bad = [c for c in class_ids if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+        bad = [c for c in class_ids if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_CLASS_ID]
         if bad:
             raise ValueError(
-                f"`class_ids` must hold non-negative ints, got {bad!r} in {class_ids!r}; pass integer class ids."
+                f"`class_ids` must hold non-negative ints (int64 labels, at most {MAX_CLASS_ID}), got {bad!r} in "
+                f"{class_ids!r}; pass integer class ids."
             )
         duplicates = sorted({c for c in class_ids if class_ids.count(c) > 1})
         if duplicates:
@@ -131,6 +143,8 @@ class FunLoRAConfig(PeftConfig):
             )
         self.class_ids = [int(c) for c in class_ids]
 
+        if not isinstance(self.function, str):
+            raise TypeError(f"`function` must be a name, one of {sorted(FUNCTIONS)}, got {self.function!r}.")
         get_function(self.function)  # raises with the list of valid names
         if isinstance(self.num_functions, bool) or not isinstance(self.num_functions, int):
             raise TypeError(f"`num_functions` must be an int, got {self.num_functions!r}.")
@@ -157,16 +171,29 @@ class FunLoRAConfig(PeftConfig):
                 )
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
             raise TypeError(f"`init_seed` must be an int or None, got {self.init_seed!r}.")
+        if self.init_seed is not None and not 0 <= self.init_seed <= MAX_INIT_SEED:
+            raise ValueError(
+                f"`init_seed` must be between 0 and {MAX_INIT_SEED} (spread over the layers within torch's 64-bit "
+                f"seeds), got {self.init_seed}; pass e.g. init_seed=0."
+            )
         if self.function == "power" and max(self.init_a_std, self.init_b_std) > 3:
             warnings.warn(
                 f"function='power' with init_a_std={self.init_a_std}, init_b_std={self.init_b_std}: the factors pass "
                 "through tanh, which saturates for large values and slows training; stds near 1 work best.",
                 stacklevel=2,
             )
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, name, value)
+            if value is not None and not (
+                isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise TypeError(
+                    f"`{name}` must be None, a regex string or a list of module names, got {value!r}; e.g. "
+                    f"{name}=['conv_in', 'down_blocks.0.resnets.0.conv1']."
+                )
         if self.task_type is not None:
             raise ValueError(
                 f"`task_type` must be None for FunLoRA (it adapts image models, not PEFT's text tasks), got "

@@ -14,7 +14,6 @@ Without gradients (sampling) the stacked class weights are built once and reused
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import FunLoRAConfig
+from .config import FunLoRAConfig, layer_seed
 from .functions import FunctionFamily, get_function
 
 
@@ -203,7 +202,7 @@ class FunLoRALayer(BaseTunerLayer):
         generator = None
         if config.init_seed is not None:
             # A per-layer seed, so that layers of equal shape do not start from the same factors.
-            generator = torch.Generator().manual_seed(config.init_seed * 1_000_003 + zlib.crc32(layer_key.encode()))
+            generator = torch.Generator().manual_seed(layer_seed(config.init_seed, layer_key))
         if config.inference_mode:
             self._frozen_adapters.add(adapter_name)
         # Only the new tensors get their flag here: the others keep theirs (linear in the number of adapters).

@@ -204,6 +204,11 @@ class FunLoRAModel(BaseTuner):
         A FunLoRA adapter only adds tensors to convs, so this visits the convs once: linear. Everything is checked
         before the first conv is wrapped, and a failure part way removes what was added.
         """
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} cannot name a FunLoRA adapter: it keys the adapter's tensors in every "
+                "conv, so it must be a non-empty name without '.', e.g. 'task_0'."
+            )
         config = self.peft_config[adapter_name]
         if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
             # One config object for two adapters: PEFT edits configs in place, and the class-ownership check needs
