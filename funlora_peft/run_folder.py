@@ -277,13 +277,24 @@ def read_index(folder: str | os.PathLike) -> RunIndex:
             f"{list(READABLE_FORMATS)}. Upgrade funlora-peft or re-export the run."
         )
     try:
+        if not isinstance(data["tasks"], list) or not data["tasks"]:
+            raise ValueError(f"tasks must be a non-empty list of tasks, got {data['tasks']!r}")
         tasks = [_task_entry(task) for task in data["tasks"]]
+        backbone = data.get("backbone", BACKBONE_SUBFOLDER)
+        if not isinstance(backbone, str) or not backbone:
+            raise ValueError(f"backbone must name the backbone's folder, got {backbone!r}")
+        class_names = data.get("class_names", {})
+        if not isinstance(class_names, dict) or not all(isinstance(v, str) for v in class_names.values()):
+            raise ValueError(f"class_names must map class ids to names, got {class_names!r}")
+        sha256 = data.get("sha256", {})
+        if not isinstance(sha256, dict):
+            raise ValueError(f"sha256 must map file paths to digests, got {sha256!r}")
         index = RunIndex(
             format_version=version,
-            backbone=data.get("backbone", BACKBONE_SUBFOLDER),
+            backbone=backbone,
             tasks=tasks,
-            class_names={int(k): v for k, v in data.get("class_names", {}).items()},
-            sha256=dict(data.get("sha256", {})),
+            class_names={int(k): v for k, v in class_names.items()},
+            sha256=dict(sha256),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is malformed ({err!r}).") from None

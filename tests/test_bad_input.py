@@ -525,6 +525,27 @@ RUN_FOLDER_CASES = [
         "folder",
     ),  # fmt: skip
     Case(
+        "run-class-names-list",
+        tampered(lambda f: edit_json(f / INDEX_FILE, lambda d: d.update(class_names=[]))),
+        ValueError,
+        r"funlora.json is malformed.*class_names must map class ids to names, got \[\]",
+        "folder",
+    ),  # fmt: skip
+    Case(
+        "run-backbone-number",
+        tampered(lambda f: edit_json(f / INDEX_FILE, lambda d: d.update(backbone=5))),
+        ValueError,
+        r"funlora.json is malformed.*backbone must name the backbone's folder, got 5",
+        "folder",
+    ),  # fmt: skip
+    Case(
+        "run-no-tasks",
+        tampered(lambda f: edit_json(f / INDEX_FILE, lambda d: d.update(tasks=[]))),
+        ValueError,
+        r"funlora.json is malformed.*tasks must be a non-empty list",
+        "folder",
+    ),  # fmt: skip
+    Case(
         "run-string-class-ids",
         tampered(string_class_ids),
         ValueError,
