@@ -150,7 +150,9 @@ class FunLoRAPipeline(DiffusionPipeline):
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names to class ids."""
-        names = [label] if isinstance(label, str) else list(label)
+        names = [label] if isinstance(label, str) else label
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"`label` must be a class name or a list of them, got {label!r}.")
         for name in names:
             if name not in self.labels:
                 raise ValueError(f"Unknown label {name!r}; the loaded classes are {sorted(self.labels)}.")

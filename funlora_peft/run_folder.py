@@ -343,6 +343,8 @@ def select_tasks(index: RunIndex, tasks: list[str] | None) -> list[TaskEntry]:
         return list(index.tasks)
     if isinstance(tasks, str):
         tasks = [tasks]
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(name, str) for name in tasks):
+        raise TypeError(f"`tasks` must be None, a task name or a list of them, got {tasks!r}; e.g. ['task_0'].")
     unknown = [name for name in tasks if name not in index.task_names]
     if unknown:
         raise ValueError(f"`tasks` names {unknown}, which the run does not have; its tasks are {index.task_names}.")

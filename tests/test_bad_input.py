@@ -429,6 +429,14 @@ PIPELINE_CASES = [
         "pipe",
     ),  # fmt: skip
     Case("pipe-output-type", pipe_call(output_type="jpg"), ValueError, r"`output_type` must be", "pipe"),
+    Case(
+        "pipe-tasks-int",
+        lambda env: FunLoRAPipeline.from_pretrained(env.folder, tasks=5),
+        TypeError,
+        r"`tasks` must be None, a task name or a list of them, got 5",
+        "folder",
+    ),  # fmt: skip
+    Case("pipe-label-ids-int", lambda env: env.pipe.get_label_ids(5), TypeError, r"`label` must be a class", "pipe"),
     Case("pipe-generator-int", pipe_call(generator=42), TypeError, r"`generator` must be None.*got 42", "pipe"),
     Case(
         "pipe-generator-list-of-int",
