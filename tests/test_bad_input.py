@@ -329,6 +329,24 @@ def config_with_bad_json(env) -> None:
     FunLoRAConfig.from_pretrained(folder)
 
 
+def load_with_config(change: Callable[[dict], object]) -> Callable:
+    """PeftModel.from_pretrained of a saved task whose adapter_config.json holds `change(its fields)`."""
+
+    def act(env) -> None:
+        folder = saved_adapter(env)
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+        PeftModel.from_pretrained(env.unet, folder, adapter_name="task_1")
+
+    return act
+
+
+def config_as_a_list(env) -> None:
+    folder = saved_adapter(env)
+    (folder / "adapter_config.json").write_text(json.dumps([json.loads((folder / "adapter_config.json").read_text())]))
+    FunLoRAConfig.from_pretrained(folder)
+
+
 def to_bin(folder: Path) -> None:
     weights = folder / "adapter_model.safetensors"
     weights.rename(folder / "adapter_model.bin")
@@ -364,6 +382,14 @@ LOAD_CASES = [
     Case(
         "config-from-pretrained-bad-json", config_with_bad_json, ValueError, r"adapter_config.json is not valid JSON"
     ),  # fmt: skip
+    Case(
+        "from-pretrained-config-p-zero",
+        load_with_config(lambda d: {**d, "num_functions": 0}),
+        ValueError,
+        r"task_1/adapter_config.json: `num_functions` must be >= 1, got 0",
+        "unet",
+    ),  # fmt: skip
+    Case("config-from-pretrained-list", config_as_a_list, ValueError, r"adapter_config.json holds list, not a JSON"),
     Case(
         "load-adapter-name-in-use",
         lambda env: env.model.load_adapter(saved_adapter(env, "task_0"), "task_1"),

@@ -9,6 +9,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from .functions import FUNCTIONS, get_function
 
@@ -202,8 +203,23 @@ class FunLoRAConfig(PeftConfig):
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs):
-        """The JSON object of an `adapter_config.json`; a ValueError naming the file when it is not valid JSON."""
+        """The JSON object of an `adapter_config.json`; a ValueError naming the file when it is not one."""
         try:
-            return super().from_json_file(path_json_file, **kwargs)
+            data = super().from_json_file(path_json_file, **kwargs)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path_json_file} is not valid JSON ({error}); save the adapter again.") from None
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ValueError(f"{path_json_file} holds {kind}, not a JSON object; save the adapter again.")
+        return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's `from_pretrained`; a config whose fields are refused names its `adapter_config.json`."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ValueError) as error:
+            where = "/".join(part for part in (str(pretrained_model_name_or_path), subfolder, CONFIG_NAME) if part)
+            if CONFIG_NAME in str(error):
+                raise
+            raise type(error)(f"{where}: {error}") from None
