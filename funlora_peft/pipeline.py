@@ -104,6 +104,10 @@ class FunLoRAPipeline(DiffusionPipeline):
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"`dtype`={dtype} and its older alias `torch_dtype`={torch_dtype} disagree; pass one.")
         dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"`dtype` must be a torch.dtype such as torch.float16, got {dtype!r}.")
+        if scheduler is not None:
+            check_scheduler(scheduler)  # before anything is downloaded
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
         if kwargs:
             warnings.warn(

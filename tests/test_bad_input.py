@@ -462,6 +462,13 @@ PIPELINE_CASES = [
         r"`tasks` must be None, a task name or a list of them, got 5",
         "folder",
     ),  # fmt: skip
+    Case(
+        "pipe-dtype-string",
+        lambda env: FunLoRAPipeline.from_pretrained(env.folder, dtype="float16"),
+        TypeError,
+        r"`dtype` must be a torch.dtype such as torch.float16, got 'float16'",
+        "folder",
+    ),  # fmt: skip
     Case("pipe-label-ids-int", lambda env: env.pipe.get_label_ids(5), TypeError, r"`label` must be a class", "pipe"),
     Case("pipe-generator-int", pipe_call(generator=42), TypeError, r"`generator` must be None.*got 42", "pipe"),
     Case(
