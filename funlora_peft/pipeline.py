@@ -176,7 +176,8 @@ class FunLoRAPipeline(DiffusionPipeline):
                 for c in class_labels
             ]
         else:
-            labels = as_class_labels(class_labels, 1 if isinstance(class_labels, int) else None).tolist()
+            one = isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, (bool, np.bool_))
+            labels = as_class_labels(class_labels, 1 if one else None).tolist()
         if not labels:
             raise ValueError("`class_labels` is empty: pass at least one class id.")
         unknown = sorted({c for c in labels if c not in self.class_ids})

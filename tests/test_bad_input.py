@@ -288,6 +288,12 @@ MERGE_CASES = [
     Case("merge-unknown-class", lambda env: env.model.merge_and_unload(class_label=9), ValueError, r"class_label=9"),
     Case("merge-no-class", lambda env: env.model.merge_and_unload(), ValueError, r"one class at a time"),
     Case(
+        "merge-other-adapter",
+        lambda env: env.model.base_model.merge_adapter(adapter_names=["task_1"], class_label=0),
+        ValueError,
+        r"class_label=0 belongs to adapter 'task_0', which adapter_names=\['task_1'\] leaves out",
+    ),  # fmt: skip
+    Case(
         "merge-and-unload-safe-nonfinite",
         poisoned_merge("merge_and_unload"),
         ValueError,

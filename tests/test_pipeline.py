@@ -85,6 +85,14 @@ def test_a_class_merged_by_the_caller_stays_merged(run_folder):
     assert {layer._merged_class for layer in pipe.tuner._funlora_layers()} == {3}
 
 
+def test_one_numpy_class_id_is_one_image(run_folder):
+    pipe = load_pipeline(run_folder)
+    kwargs = dict(num_inference_steps=2, output_type="pt")
+    expected = pipe(class_labels=3, generator=torch.manual_seed(1), **kwargs).images
+    got = pipe(class_labels=np.int64(3), generator=torch.manual_seed(1), **kwargs).images
+    assert got.shape[0] == 1 and torch.equal(got, expected)
+
+
 def test_loading_some_tasks_only(run_folder):
     full = load_pipeline(run_folder)
     part = load_pipeline(run_folder, tasks=["task_0", "task_2"])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import UNET_CONFIGS, make_inputs, make_unet
@@ -126,6 +127,10 @@ def test_labels_can_be_int_list_or_positional(unet_name):
         assert torch.equal(model(x_t, t, class_labels=2).sample, ref)
         assert torch.equal(model(x_t, t, class_labels=[2, 2, 2]).sample, ref)
         assert torch.equal(model.base_model.model(x_t, t, torch.tensor([2, 2, 2])).sample, ref)
+        assert torch.equal(model(x_t, t, class_labels=np.array([2, 2, 2])).sample, ref)
+    # numpy integers are class ids wherever a class id is taken, and are stored as plain ints
+    assert FunLoRAConfig(class_ids=np.arange(2, 4)).class_ids == [2, 3]
+    assert type(FunLoRAConfig(class_ids=[np.int64(5)]).class_ids[0]) is int
 
 
 # ---------------------------------------------------------------------------------------------------------------------

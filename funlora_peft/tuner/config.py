@@ -8,6 +8,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
@@ -130,7 +131,11 @@ class FunLoRAConfig(PeftConfig):
         class_ids = list(self.class_ids)
         if not class_ids:
             raise ValueError("`class_ids` is empty: an adapter must own at least one class, e.g. class_ids=[0].")
-        bad = [c for c in class_ids if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_CLASS_ID]
+        bad = [
+            c
+            for c in class_ids
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or not 0 <= c <= MAX_CLASS_ID
+        ]
         if bad:
             raise ValueError(
                 f"`class_ids` must hold non-negative ints (int64 labels, at most {MAX_CLASS_ID}), got {bad!r} in "

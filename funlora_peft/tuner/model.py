@@ -488,6 +488,12 @@ class FunLoRAModel(BaseTuner):
         """
         owner = self._owner_of(class_label)
         class_label = as_class_id(class_label)
+        named = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if named is not None and owner not in named:
+            raise ValueError(
+                f"class_label={class_label} belongs to adapter {owner!r}, which adapter_names={adapter_names!r} "
+                "leaves out; FunLoRA merges the adapter owning the class: pass adapter_names=None."
+            )
         layers = self._funlora_layers()
         merged_classes = {layer._merged_class for layer in layers if layer.merged}
         if merged_classes == {class_label}:
