@@ -918,6 +918,19 @@ def test_default_targets_skip_grouped_convs():
     assert not any(name.endswith("depthwise") for name in wrapped) and any(n.endswith("conv_in") for n in wrapped)
 
 
+def test_a_failed_load_onto_an_adapted_unet_leaves_its_router_as_it_was(tmp_path):
+    model = two_tasks()
+    model.save_pretrained(tmp_path, save_embedding_layers=False)
+    (tmp_path / "task_1" / "adapter_model.safetensors").write_bytes(b"x" * 9)
+    other = get_peft_model(make_unet("attn"), FunLoRAConfig(class_ids=[7], init_alpha=0.2), "other")
+    unet = other.base_model.model
+    router = unet.__dict__["_funlora_router"]
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        PeftModel.from_pretrained(unet, tmp_path / "task_1", adapter_name="task_1")
+    assert router._peers == [] and unet.__dict__["_funlora_router"] is router
+    assert list(router._all_configs()) == ["other"]
+
+
 def test_a_failed_load_leaves_a_usable_plain_unet(tmp_path):
     """After `PeftModel.from_pretrained` refused the files, the UNet runs as before (no hook, no wrapped conv)."""
     model = two_tasks()

@@ -833,6 +833,10 @@ def _load_all_or_nothing(load_adapter, peft_model, model_id, adapter_name, fresh
         return load_adapter(peft_model, model_id, adapter_name, *args, **kwargs)
     except Exception:
         _discard_adapter(peft_model, adapter_name)
+        tuner = peft_model.base_model
+        router = _router_of(tuner.model)
+        if fresh and router is not None and tuner in getattr(router, "_peers", []):
+            router._peers.remove(tuner)  # the wrapper from_pretrained made is dropped: its tuner routes nothing
         raise
 
 
