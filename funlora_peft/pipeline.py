@@ -239,10 +239,8 @@ class FunLoRAPipeline(DiffusionPipeline):
                 "the pipeline from a UNet that carries FunLoRA adapters."
             )
         labels = self._check_labels(class_labels)
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or (
-            isinstance(generator, list) and None in generator
-        ):
+        one_per_sample = isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)
+        if not (generator is None or isinstance(generator, torch.Generator) or one_per_sample):
             raise TypeError(
                 f"`generator` must be None, a torch.Generator or a list of one per sample, got {generator!r}; e.g. "
                 "generator=torch.manual_seed(0)."
