@@ -835,7 +835,7 @@ def _load_all_or_nothing(load_adapter, peft_model, model_id, adapter_name, fresh
         _discard_adapter(peft_model, adapter_name)
         tuner = peft_model.base_model
         router = _router_of(tuner.model)
-        if fresh and router is not None and tuner in getattr(router, "_peers", []):
+        if fresh and router is not None and tuner in router._peers:
             router._peers.remove(tuner)  # the wrapper from_pretrained made is dropped: its tuner routes nothing
         raise
 
