@@ -99,6 +99,8 @@ class FunLoRAModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._unloaded = False
+        # The tuners whose adapters this one routes besides its own (only the router, the first tuner, has any).
+        self._peers: list[FunLoRAModel] = []
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._class_table_key = None
         self._class_table: dict[int, tuple[str, int]] = {}
@@ -107,14 +109,22 @@ class FunLoRAModel(BaseTuner):
         if router is not None and router is not self:
             # Another FunLoRA tuner already routes this model (PEFT's `inject_adapter_in_model`, called once per
             # adapter, makes one tuner per call): it routes this tuner's adapters too, with one hook pair.
-            router._peers.append(self)
+            router._add_peer(self)
             self._routing_hook = self._restore_hook = None
             return
         # Registered after injection; removed again by merge_and_unload / unload.
         self._routing_hook = self.model.register_forward_pre_hook(self._route_class_labels, with_kwargs=True)
         self._restore_hook = self.model.register_forward_hook(self._restore_sample_order)
-        self._peers: list[FunLoRAModel] = []
         self.model.__dict__[_ROUTER_ATTRIBUTE] = self  # not a submodule: a plain reference for `_router_of`
+
+    def _add_peer(self, peer: FunLoRAModel) -> None:
+        """Route `peer`'s adapters too (a tuner made by a later `inject_adapter_in_model` on this model)."""
+        self._peers.append(peer)
+
+    def _drop_peer(self, peer: FunLoRAModel) -> None:
+        """Stop routing `peer`'s adapters (its wrapper was discarded); a tuner that is no peer is ignored."""
+        if peer in self._peers:
+            self._peers.remove(peer)
 
     def _remove_hooks(self) -> None:
         for hook in (self._routing_hook, self._restore_hook):
@@ -127,7 +137,7 @@ class FunLoRAModel(BaseTuner):
     def _all_configs(self) -> dict[str, FunLoRAConfig]:
         """The configs of every adapter this tuner routes: its own, then those of the tuners sharing its model."""
         configs = dict(self.peft_config)
-        for peer in getattr(self, "_peers", []):
+        for peer in self._peers:
             for name, config in peer.peft_config.items():
                 configs.setdefault(name, config)
         return configs
@@ -835,8 +845,8 @@ def _load_all_or_nothing(load_adapter, peft_model, model_id, adapter_name, fresh
         _discard_adapter(peft_model, adapter_name)
         tuner = peft_model.base_model
         router = _router_of(tuner.model)
-        if fresh and router is not None and tuner in router._peers:
-            router._peers.remove(tuner)  # the wrapper from_pretrained made is dropped: its tuner routes nothing
+        if fresh and router is not None:
+            router._drop_peer(tuner)  # the wrapper from_pretrained made is dropped: its tuner routes nothing
         raise
 
 
