@@ -770,6 +770,54 @@ def test_convs_with_any_padding_train_on_mixed_batches(conv_kwargs):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize(
+    "conv_kwargs", [{"padding": 1}, {"padding": 0, "stride": 2}, {"padding": 2, "dilation": 2, "bias": False}]
+)
+def test_wide_low_resolution_convs_take_a_batched_matmul_with_the_same_results(conv_kwargs, monkeypatch):
+    """On the CPU a conv with a large kernel per class (in * s * s >= 2304) and few output positions per class takes
+    one batched matmul over the classes instead of the grouped convolution (`_uses_matmul`). Its outputs, every
+    gradient (input, W0, bias, adapter tensors) and the sampling outputs equal the grouped convolution's (float64)."""
+    from funlora_peft.tuner import layer as layer_module
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(256, 8, 3, **conv_kwargs, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), FunLoRAConfig(class_ids=[0, 1, 2], init_alpha=0.3, init_seed=0), "task_0")
+    for param in model.parameters():
+        param.requires_grad_(True)
+    x = torch.randn(5, 256, 4, 6, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 2, 0])  # 3 classes, 2 slots each: at most 2 * 24 positions per class
+    columns = []
+    unfold = layer_module._class_columns
+    monkeypatch.setattr(layer_module, "_class_columns", lambda *args: columns.append(1) or unfold(*args))
+
+    def run():
+        model.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        out = model(x_in, class_labels=labels)
+        out.square().sum().backward()
+        grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+        with torch.no_grad():
+            sampled = model(x, class_labels=labels)
+        model.base_model.release_class_weights()
+        return [out.detach(), x_in.grad, sampled, *grads.values()]
+
+    matmul = run()
+    assert len(columns) == 3  # forward, backward (W0's gradient), sampling
+    monkeypatch.setattr(layer_module, "_MATMUL_MAX_POSITIONS", 0)  # the grouped convolution everywhere
+    grouped = run()
+    assert len(columns) == 3
+    assert len(matmul) == len(grouped)
+    for got, expected in zip(matmul, grouped):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_compiled_model_matches_eager_and_does_not_recompile_for_the_same_classes():
     """torch.compile traces the routed UNet (the routing runs eagerly, `torch.compiler.disable`) for training and

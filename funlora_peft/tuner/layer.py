@@ -458,7 +458,7 @@ class _ClassConv2d(torch.autograd.Function):
         classes, (stride, padding, dilation) = scales.shape[0], conv_args
         ctx.conv_args, ctx.has_bias, ctx.build_scales = conv_args, bias is not None, build_scales
         class_bias = None if bias is None else bias.repeat(classes)
-        return F.conv2d(x, _stack_class_weights(weight, scales), class_bias, stride, padding, dilation, classes)
+        return _class_conv2d(x, _stack_class_weights(weight, scales), class_bias, stride, padding, dilation, classes)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -475,20 +475,15 @@ class _ClassConv2d(torch.autograd.Function):
                 leaves = [factor.detach().requires_grad_(need) for factor, need in zip(factors, need_factors)]
                 scales_graph = ctx.build_scales(*leaves)
             scales = scales_graph.detach()
-        stride, padding, dilation = ctx.conv_args
         classes, (out_channels, in_channels, height, width) = scales.shape[0], weight.shape
-        grad_x, grad_class_weight, grad_class_bias = torch.ops.aten.convolution_backward(
+        grad_x, grad_class_weight, grad_class_bias = _class_conv2d_backward(
             grad_out,
             x,
             _stack_class_weights(weight, scales),
-            [classes * out_channels] if ctx.has_bias else None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
+            ctx.has_bias,
+            ctx.conv_args,
             classes,
-            [need_x, need_weight or need_scales, need_bias and ctx.has_bias],
+            (need_x, need_weight or need_scales, need_bias and ctx.has_bias),
         )
         grad_weight = grad_scales = grad_bias = None
         if need_weight or need_scales:
@@ -520,6 +515,94 @@ def _stack_class_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Te
     kernel = weight.view(1, out_channels, in_channels, height * width)
     stacked = kernel * scales.to(weight.dtype).view(classes, out_channels, in_channels, 1)
     return stacked.view(classes * out_channels, in_channels, height, width)
+
+
+# On the CPU, oneDNN's grouped convolution is slow when each group has a large kernel and few output positions (the
+# low-resolution convs of a CIFAR-size UNet: 256 or 512 input channels at 4x4 or 8x8, where it takes 2x to 10x the
+# time of the dense convolution with the same arithmetic). There one batched matmul over the classes of the unfolded
+# input does the same product at about the dense convolution's speed (docs/method.md, "Cost").
+_MATMUL_MIN_KERNEL = 2304  # in_channels * s * s of a class: 256 channels of a 3x3 conv
+_MATMUL_MAX_POSITIONS = 64  # output positions of a class in the batch: chunk * height' * width'
+
+
+def _uses_matmul(x: torch.Tensor, weight: torch.Tensor, classes: int, out_size) -> bool:
+    """Whether `_class_conv2d` takes the batched matmul for `x` `(chunk, classes * in, h, w)` (see above)."""
+    positions = x.shape[0] * out_size[0] * out_size[1]
+    return (
+        x.device.type == "cpu"
+        and classes > 1
+        and weight[0].numel() >= _MATMUL_MIN_KERNEL
+        and positions <= _MATMUL_MAX_POSITIONS
+    )
+
+
+def _output_size(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
+    """Height and width of the convolution of `x` with `weight` (integer padding)."""
+    return tuple(
+        (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+        for size, pad, dil, k, step in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride)
+    )
+
+
+def _class_columns(x: torch.Tensor, weight: torch.Tensor, classes: int, conv_args) -> torch.Tensor:
+    """The unfolded input of each class of `x` `(chunk, classes * in, h, w)`: `(classes, in * s * s, chunk * h'w')`."""
+    stride, padding, dilation = conv_args
+    chunk = x.shape[0]
+    columns = F.unfold(x.reshape(chunk * classes, -1, *x.shape[2:]), weight.shape[2:], dilation, padding, stride)
+    columns = columns.view(chunk, classes, *columns.shape[1:]).permute(1, 2, 0, 3)
+    return columns.reshape(classes, columns.shape[1], -1)
+
+
+def _class_conv2d(x, weight, bias, stride, padding, dilation, classes: int) -> torch.Tensor:
+    """The grouped convolution of a class-interleaved batch `x` `(chunk, classes * in, h, w)` with the stacked class
+    weights `(classes * out, in, s, s)`: `F.conv2d(..., groups=classes)`, or, where that kernel is slow (CPU, large
+    kernels, few positions: `_uses_matmul`), the same product as one batched matmul over the classes."""
+    out_size = _output_size(x, weight, stride, padding, dilation)
+    if not _uses_matmul(x, weight, classes, out_size):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, classes)
+    chunk, out_channels = x.shape[0], weight.shape[0] // classes
+    columns = _class_columns(x, weight, classes, (stride, padding, dilation))
+    out = torch.bmm(weight.reshape(classes, out_channels, -1), columns)  # (classes, out, chunk * positions)
+    if bias is not None:
+        out = out + bias.view(classes, out_channels, 1)
+    out = out.view(classes, out_channels, chunk, *out_size).permute(2, 0, 1, 3, 4)
+    return out.reshape(chunk, classes * out_channels, *out_size)
+
+
+def _class_conv2d_backward(grad_out, x, weight, has_bias: bool, conv_args, classes: int, output_mask):
+    """The gradients of `_class_conv2d` to `x`, the stacked weights and the bias (None where `output_mask` is off)."""
+    stride, padding, dilation = conv_args
+    if not _uses_matmul(x, weight, classes, grad_out.shape[2:]):
+        return torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            weight,
+            [weight.shape[0]] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            classes,
+            list(output_mask),
+        )
+    need_x, need_weight, need_bias = output_mask
+    chunk, out_channels = x.shape[0], weight.shape[0] // classes
+    # (chunk, classes * out, h', w') -> (classes, out, chunk * positions): the layout of the forward's product
+    grad = grad_out.reshape(chunk, classes, out_channels, -1).permute(1, 2, 0, 3).reshape(classes, out_channels, -1)
+    grad_x = grad_weight = grad_bias = None
+    if need_weight:
+        columns = _class_columns(x, weight, classes, conv_args)
+        grad_weight = torch.bmm(grad, columns.transpose(1, 2)).view(weight.shape)
+    if need_bias:
+        grad_bias = grad.sum(dim=-1).view(-1)
+    if need_x:
+        grad_columns = torch.bmm(weight.reshape(classes, out_channels, -1).transpose(1, 2), grad)
+        kernel = grad_columns.shape[1]
+        grad_columns = grad_columns.view(classes, kernel, chunk, -1).permute(2, 0, 1, 3)
+        grad_columns = grad_columns.reshape(chunk * classes, kernel, -1)
+        grad_x = F.fold(grad_columns, x.shape[2:], weight.shape[2:], dilation, padding, stride).view(x.shape)
+    return grad_x, grad_weight, grad_bias
 
 
 def _explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -612,7 +695,7 @@ class Conv2d(nn.Module, FunLoRALayer):
             weight, bias = self._cached_class_weights(plan)
             if weight.dtype != dtype:
                 weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-            out = F.conv2d(grouped.to(dtype), weight, bias, base.stride, padding, base.dilation, classes)
+            out = _class_conv2d(grouped.to(dtype), weight, bias, base.stride, padding, base.dilation, classes)
         out = out.reshape(plan.chunk * classes, self.out_channels, *out.shape[2:])
         if not plan.laid_out and plan.scatter is not None:
             out = out.index_select(0, plan.scatter)
