@@ -7,8 +7,9 @@ For each class y of an adapter and each adapted conv with frozen weight W0 `(out
 
 A batch may mix classes of several adapters (tasks). The model lays the batch out class-interleaved (`RoutingPlan`),
 and each layer builds the W_y of the C classes present in a few batched ops and runs ONE grouped convolution
-(`groups = C`) over the whole batch: a pass costs one convolution per conv whatever the number of classes in the
-batch or loaded, and a batch of one class costs exactly one convolution with W_y (the same as a merged conv).
+(`groups = C`) over the whole batch (on the CPU, one batched matmul for wide, low-resolution convs): a pass costs
+one convolution per conv whatever the number of classes in the batch or loaded, and a batch of one class costs
+exactly one convolution with W_y (the same as a merged conv).
 Without gradients (sampling) the stacked class weights are built once and reused until a parameter changes.
 """
 
@@ -520,7 +521,7 @@ def _stack_class_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Te
 # On the CPU, oneDNN's grouped convolution is slow when each group has a large kernel and few output positions (the
 # low-resolution convs of a CIFAR-size UNet: 256 or 512 input channels at 4x4 or 8x8, where it takes 2x to 10x the
 # time of the dense convolution with the same arithmetic). There one batched matmul over the classes of the unfolded
-# input does the same product at about the dense convolution's speed (docs/method.md, "Cost").
+# input does the same product at about the dense convolution's speed (docs/method.md, "One grouped convolution").
 _MATMUL_MIN_KERNEL = 2304  # in_channels * s * s of a class: 256 channels of a 3x3 conv
 _MATMUL_MAX_POSITIONS = 64  # output positions of a class in the batch: chunk * height' * width'
 
@@ -531,7 +532,7 @@ def _uses_matmul(x: torch.Tensor, weight: torch.Tensor, classes: int, out_size) 
     return (
         x.device.type == "cpu"
         and classes > 1
-        and weight[0].numel() >= _MATMUL_MIN_KERNEL
+        and weight.shape[1:].numel() >= _MATMUL_MIN_KERNEL
         and positions <= _MATMUL_MAX_POSITIONS
     )
 
