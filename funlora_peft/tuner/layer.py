@@ -526,23 +526,22 @@ _MATMUL_MIN_KERNEL = 2304  # in_channels * s * s of a class: 256 channels of a 3
 _MATMUL_MAX_POSITIONS = 64  # output positions of a class in the batch: chunk * height' * width'
 
 
-def _uses_matmul(x: torch.Tensor, weight: torch.Tensor, classes: int, out_size) -> bool:
-    """Whether `_class_conv2d` takes the batched matmul for `x` `(chunk, classes * in, h, w)` (see above)."""
-    positions = x.shape[0] * out_size[0] * out_size[1]
-    return (
-        x.device.type == "cpu"
-        and classes > 1
-        and weight.shape[1:].numel() >= _MATMUL_MIN_KERNEL
-        and positions <= _MATMUL_MAX_POSITIONS
-    )
-
-
-def _output_size(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
+def _output_size(x: torch.Tensor, weight: torch.Tensor, conv_args) -> tuple[int, int]:
     """Height and width of the convolution of `x` with `weight` (integer padding)."""
+    stride, padding, dilation = conv_args
     return tuple(
         (size + 2 * pad - dil * (k - 1) - 1) // step + 1
         for size, pad, dil, k, step in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride)
     )
+
+
+def _uses_matmul(x: torch.Tensor, weight: torch.Tensor, classes: int, conv_args) -> bool:
+    """Whether `_class_conv2d` takes the batched matmul for `x` `(chunk, classes * in, h, w)` (see above); the output
+    size is computed only where the cheaper conditions hold (never on other devices)."""
+    if x.device.type != "cpu" or classes == 1 or weight.shape[1:].numel() < _MATMUL_MIN_KERNEL:
+        return False
+    height, width = _output_size(x, weight, conv_args)
+    return x.shape[0] * height * width <= _MATMUL_MAX_POSITIONS
 
 
 def _class_columns(x: torch.Tensor, weight: torch.Tensor, classes: int, conv_args) -> torch.Tensor:
@@ -558,11 +557,11 @@ def _class_conv2d(x, weight, bias, stride, padding, dilation, classes: int) -> t
     """The grouped convolution of a class-interleaved batch `x` `(chunk, classes * in, h, w)` with the stacked class
     weights `(classes * out, in, s, s)`: `F.conv2d(..., groups=classes)`, or, where that kernel is slow (CPU, large
     kernels, few positions: `_uses_matmul`), the same product as one batched matmul over the classes."""
-    out_size = _output_size(x, weight, stride, padding, dilation)
-    if not _uses_matmul(x, weight, classes, out_size):
+    conv_args = (stride, padding, dilation)
+    if not _uses_matmul(x, weight, classes, conv_args):
         return F.conv2d(x, weight, bias, stride, padding, dilation, classes)
-    chunk, out_channels = x.shape[0], weight.shape[0] // classes
-    columns = _class_columns(x, weight, classes, (stride, padding, dilation))
+    chunk, out_channels, out_size = x.shape[0], weight.shape[0] // classes, _output_size(x, weight, conv_args)
+    columns = _class_columns(x, weight, classes, conv_args)
     out = torch.bmm(weight.reshape(classes, out_channels, -1), columns)  # (classes, out, chunk * positions)
     if bias is not None:
         out = out + bias.view(classes, out_channels, 1)
@@ -573,7 +572,7 @@ def _class_conv2d(x, weight, bias, stride, padding, dilation, classes: int) -> t
 def _class_conv2d_backward(grad_out, x, weight, has_bias: bool, conv_args, classes: int, output_mask):
     """The gradients of `_class_conv2d` to `x`, the stacked weights and the bias (None where `output_mask` is off)."""
     stride, padding, dilation = conv_args
-    if not _uses_matmul(x, weight, classes, grad_out.shape[2:]):
+    if not _uses_matmul(x, weight, classes, conv_args):
         return torch.ops.aten.convolution_backward(
             grad_out,
             x,
